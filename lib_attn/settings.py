@@ -1,0 +1,314 @@
+"""One table of parameters that drives UI order, API names, infotext keys and XYZ axes.
+
+Every parameter of every method is a :class:`Field`.  ``FIELDS`` (in order) is the
+positional argument list of the script (UI and ``alwayson_scripts[...]["args"]``).
+The API also takes a *named* form as its first argument::
+
+    {"alwayson_scripts": {"Attention Toolkit": {"args": [{"pag": {"scale": 3.0, "layers": "middle"}}]}}}
+
+A section named in the named form is switched on unless it says ``"enabled": false``.
+Flat names (``{"pag_scale": 3.0}``) are accepted too.  Anything that does not parse raises
+:class:`SettingsError`, whose message names the field.
+
+This module is pure Python: no torch, no gradio, no WebUI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TITLE = "Attention Toolkit"
+XYZ_PREFIX = "[Attention] "
+OVERRIDE_ATTR = "attn_toolkit_overrides"  # dict on `p`, filled by XYZ axes and read by the script
+
+HIRES_MODES = ("same", "own", "off")
+
+
+class SettingsError(ValueError):
+    """A parameter did not parse.  ``field`` is the API name (``pag.scale``), ``label`` the UI label."""
+
+    def __init__(self, field: str, label: str, message: str):
+        self.field = field
+        self.label = label
+        super().__init__(f"{TITLE}: {label} ({field}): {message}")
+
+
+@dataclass(frozen=True)
+class Field:
+    section: str  # method section, e.g. "pag"
+    name: str  # name inside the section, e.g. "scale"
+    label: str  # UI label
+    infotext: str  # infotext key
+    kind: str  # "bool" | "float" | "int" | "str" | "choice"
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    @property
+    def key(self) -> str:
+        """Flat name, used for the dataclass attribute, ``p`` overrides and flat API names."""
+        return f"{self.section}_{self.name}"
+
+    @property
+    def api_name(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def elem_id(self) -> str:
+        return f"attn_toolkit_{self.key}"
+
+    def parse(self, value: Any) -> Any:
+        """Convert a raw UI/API/infotext value, or raise :class:`SettingsError` naming this field."""
+        try:
+            return _PARSERS[self.kind](self, value)
+        except SettingsError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise SettingsError(self.api_name, self.label, str(e)) from None
+
+    def format(self, value: Any) -> str:
+        """Infotext text for a value; :meth:`parse` reads it back."""
+        if self.kind == "bool":
+            return "True" if value else "False"
+        if self.kind == "float":
+            return f"{value:g}"
+        return str(value)
+
+    def error(self, message: str) -> SettingsError:
+        return SettingsError(self.api_name, self.label, message)
+
+
+def _parse_bool(f: Field, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        return v.strip().lower() in ("true", "1", "yes", "on")
+    raise f.error(f"expected true or false, got {v!r}")
+
+
+def _parse_number(f: Field, v: Any) -> float:
+    if isinstance(v, bool) or v is None:
+        raise f.error(f"expected a number, got {v!r}")
+    try:
+        x = float(v.strip()) if isinstance(v, str) else float(v)
+    except (TypeError, ValueError):
+        raise f.error(f"expected a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise f.error(f"expected a finite number, got {v!r}")
+    if (f.minimum is not None and x < f.minimum) or (f.maximum is not None and x > f.maximum):
+        raise f.error(f"{x:g} is out of range [{f.minimum:g}, {f.maximum:g}]")
+    return x
+
+
+def _parse_int(f: Field, v: Any) -> int:
+    x = _parse_number(f, v)
+    if x != int(x):
+        raise f.error(f"expected a whole number, got {v!r}")
+    return int(x)
+
+
+def _parse_str(f: Field, v: Any) -> str:
+    if v is None:
+        return f.default
+    if not isinstance(v, str):
+        raise f.error(f"expected text, got {type(v).__name__}")
+    return v.strip()
+
+
+def _parse_choice(f: Field, v: Any) -> str:
+    if not isinstance(v, str):
+        raise f.error(f"expected one of {', '.join(f.choices or ())}, got {v!r}")
+    s = v.strip().lower()
+    if s not in (f.choices or ()):
+        raise f.error(f"expected one of {', '.join(f.choices or ())}, got {v!r}")
+    return s
+
+
+_PARSERS = {
+    "bool": _parse_bool,
+    "float": _parse_number,
+    "int": _parse_int,
+    "str": _parse_str,
+    "choice": _parse_choice,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The table.  Order = positional order of the script's args; never reorder, only append.
+# --------------------------------------------------------------------------------------------
+FIELDS: tuple[Field, ...] = (
+    Field("pag", "enabled", "Enable PAG", "PAG", "bool", False,
+          help="Perturbed-Attention Guidance: steer away from a prediction whose self-attention is replaced by the identity."),
+    Field("pag", "scale", "PAG scale", "PAG scale", "float", 3.0, 0.0, 30.0, 0.1,
+          help="Strength of the PAG term s in uncond + cfg*(cond-uncond) + s*(cond-perturbed). 0 switches PAG off."),
+    Field("pag", "adaptive_scale", "Adaptive scale", "PAG adaptive scale", "float", 0.0, 0.0, 1.0, 0.001,
+          help="diffusers' pag_adaptive_scale: the scale falls as s - a*(1000 - t) with the UNet timestep t, clipped at 0."),
+    Field("pag", "start", "Start (fraction of steps)", "PAG start", "float", 0.0, 0.0, 1.0, 0.01,
+          help="PAG acts from this fraction of the sampling steps..."),
+    Field("pag", "end", "End (fraction of steps)", "PAG end", "float", 1.0, 0.0, 1.0, 0.01,
+          help="...up to this fraction of the sampling steps (inclusive)."),
+    Field("pag", "layers", "Layers", "PAG layers", "str", "middle",
+          help="Self-attention layers to perturb: comma-separated selectors such as middle, input.4, output.1.0, all."),
+    Field("pag", "hires", "Hires pass", "PAG hires", "choice", "same", choices=HIRES_MODES,
+          help="In the hires-fix pass: same settings as the first pass, an own scale, or off."),
+    Field("pag", "hires_scale", "Hires PAG scale", "PAG hires scale", "float", 3.0, 0.0, 30.0, 0.1,
+          help="PAG scale used in the hires-fix pass when 'Hires pass' is 'own'."),
+)
+
+FIELD_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
+FIELD_BY_API: dict[str, Field] = {f.api_name: f for f in FIELDS}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.section for f in FIELDS))
+
+
+@dataclass(frozen=True)
+class PagSettings:
+    enabled: bool = False
+    scale: float = 3.0
+    adaptive_scale: float = 0.0
+    start: float = 0.0
+    end: float = 1.0
+    layers: str = "middle"
+    hires: str = "same"
+    hires_scale: float = 3.0
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and (self.scale > 0 or (self.hires == "own" and self.hires_scale > 0))
+
+    def for_pass(self, is_hr_pass: bool) -> PagSettings:
+        """Settings in force for one pass (hires override applied)."""
+        if not is_hr_pass or self.hires == "same":
+            return self
+        if self.hires == "off":
+            return dataclasses.replace(self, enabled=False)
+        return dataclasses.replace(self, scale=self.hires_scale)
+
+
+_SECTION_CLASSES = {"pag": PagSettings}
+
+
+@dataclass(frozen=True)
+class Settings:
+    pag: PagSettings = dataclasses.field(default_factory=PagSettings)
+
+    @property
+    def any_active(self) -> bool:
+        return self.pag.active
+
+    # ---- conversions -------------------------------------------------------------------
+    def values(self) -> dict[str, Any]:
+        """Flat ``{key: value}`` in table order."""
+        return {f.key: getattr(getattr(self, f.section), f.name) for f in FIELDS}
+
+    def to_args(self) -> list[Any]:
+        """Positional argument list (UI / API order)."""
+        return list(self.values().values())
+
+    def to_infotext(self) -> dict[str, str]:
+        """Infotext entries for the sections that are switched on."""
+        out: dict[str, str] = {}
+        for f in FIELDS:
+            section = getattr(self, f.section)
+            if not section.enabled or f.name == "enabled":
+                continue
+            out[f.infotext] = f.format(getattr(section, f.name))
+        return out
+
+    def with_values(self, values: Mapping[str, Any]) -> Settings:
+        """A copy with some flat keys replaced (values are parsed and checked)."""
+        merged = self.values()
+        for k, v in values.items():
+            f = _lookup(k)
+            merged[f.key] = f.parse(v)
+        return _build(merged)
+
+
+def _build(flat: Mapping[str, Any]) -> Settings:
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for f in FIELDS:
+        sections[f.section][f.name] = flat[f.key]
+    built = {s: _SECTION_CLASSES[s](**kw) for s, kw in sections.items()}
+    for s, obj in built.items():
+        _check_section(s, obj)
+    return Settings(**built)
+
+
+def _check_section(section: str, obj: Any) -> None:
+    if section == "pag" and obj.start > obj.end:
+        raise FIELD_BY_KEY["pag_end"].error(f"end ({obj.end:g}) must not be below start ({obj.start:g})")
+
+
+def _lookup(name: str) -> Field:
+    f = FIELD_BY_KEY.get(name) or FIELD_BY_API.get(name)
+    if f is None:
+        known = list(FIELD_BY_KEY) + list(FIELD_BY_API)
+        near = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else f"; known names: {', '.join(FIELD_BY_API)}"
+        raise SettingsError(str(name), str(name), f"unknown parameter{hint}")
+    return f
+
+
+def defaults() -> Settings:
+    return _build({f.key: f.default for f in FIELDS})
+
+
+def from_named(named: Mapping[str, Any]) -> Settings:
+    """Parse the named API form: ``{"pag": {"scale": 3}}`` and/or flat ``{"pag_scale": 3}``."""
+    flat: dict[str, Any] = {f.key: f.default for f in FIELDS}
+    for k, v in named.items():
+        if k in SECTIONS:
+            if not isinstance(v, Mapping):
+                raise SettingsError(k, k, f"expected an object of {k} parameters, got {type(v).__name__}")
+            flat[f"{k}_enabled"] = True
+            for name, value in v.items():
+                f = _lookup(f"{k}_{name}")
+                flat[f.key] = f.parse(value)
+        else:
+            f = _lookup(k)
+            flat[f.key] = f.parse(v)
+    return _build(flat)
+
+
+def from_args(args: Sequence[Any]) -> Settings:
+    """Parse the script's positional args, or the named form given as the first (only) arg."""
+    args = list(args)
+    if args and isinstance(args[0], Mapping):
+        return from_named(args[0])
+    if len(args) > len(FIELDS):
+        extra = args[len(FIELDS):]
+        if any(a is not None for a in extra):
+            raise SettingsError("args", "args", f"expected at most {len(FIELDS)} positional values, got {len(args)}")
+    flat = {}
+    for i, f in enumerate(FIELDS):
+        flat[f.key] = f.parse(args[i]) if i < len(args) else f.default
+    return _build(flat)
+
+
+def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
+    """Flat ``{key: value}`` read from pasted infotext; sections present there are switched on."""
+    out: dict[str, Any] = {}
+    for f in FIELDS:
+        if f.infotext in params and f.name != "enabled":
+            out[f.key] = f.parse(params[f.infotext])
+            out[f"{f.section}_enabled"] = True
+    return out
+
+
+def infotext_value(field: Field, params: Mapping[str, str]) -> Any:
+    """The value a UI control should take when infotext ``params`` is pasted (default when absent)."""
+    parsed = from_infotext(params)
+    return parsed.get(field.key, field.default)
+
+
+def fields_of(section: str) -> Iterable[Field]:
+    return (f for f in FIELDS if f.section == section)
