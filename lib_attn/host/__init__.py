@@ -1,0 +1,78 @@
+"""The one place that knows which WebUI is running.  Only this package imports the host's
+``modules`` / ``backend`` / ``ldm_patched``; everything else in ``lib_attn`` is host-free."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from types import ModuleType
+from typing import Any
+
+from lib_attn import session as sessions
+from lib_attn import settings as S
+
+log = logging.getLogger("lib_attn")
+
+
+def _exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def detect() -> str:
+    """``"forge"`` for Forge 2.x (``backend``), Forge-old and reForge (``modules_forge``); else ``"a1111"``."""
+    if _exists("backend.patcher") or _exists("modules_forge"):
+        return "forge"
+    return "a1111"
+
+
+def adapter() -> ModuleType:
+    return importlib.import_module(f"lib_attn.host.{detect()}")
+
+
+def settings_for(p: Any, args: tuple) -> S.Settings:
+    """Script args, then overrides that XYZ axes put on ``p``.  Raises SettingsError."""
+    settings = S.from_args(args)
+    overrides = getattr(p, S.OVERRIDE_ATTR, None)
+    if overrides:
+        values = dict(overrides)
+        for key in list(values):  # an axis on any field of a method switches that method on
+            field = S.FIELD_BY_KEY.get(key)
+            if field is not None and field.name != "enabled":
+                values.setdefault(f"{field.section}_enabled", True)
+        settings = settings.with_values(values)
+    return settings
+
+
+def process(p: Any, args: tuple) -> None:
+    """``Script.process``: parse, write infotext, attach the per-generation session."""
+    try:
+        settings = settings_for(p, args)
+    except S.SettingsError as e:
+        log.error("[Attention Toolkit] %s", e)
+        sessions.attach(p, sessions.FailedSession(e))
+        return
+    if not settings.any_active:
+        return  # off: nothing is installed, output is the WebUI's own
+    p.extra_generation_params.update(settings.to_infotext())
+    adapter().begin(p, settings)
+
+
+def before_every_sampling(p: Any) -> None:
+    if sessions.get(p) is not None:
+        adapter().before_every_sampling(p)
+
+
+def postprocess(p: Any) -> None:
+    sessions.end(p)
+
+
+def cleanup_model() -> int:
+    try:
+        return adapter().cleanup_model()
+    except Exception as e:  # never break a scripts reload
+        log.warning("[Attention Toolkit] cleanup failed: %s", e)
+        return 0

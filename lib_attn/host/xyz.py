@@ -1,0 +1,64 @@
+"""XYZ-plot axes for every parameter of the settings table (A1111 and Forge share xyz_grid)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from modules import scripts
+
+from lib_attn import settings as S
+
+log = logging.getLogger("lib_attn")
+
+
+def find_xyz_module() -> Any:
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") and hasattr(data, "module"):
+            return data.module
+    return None
+
+
+def _apply(field: S.Field):
+    def apply(p: Any, x: Any, xs: Any) -> None:
+        # XYZ works on a shallow copy of p: build a new dict so cells don't share overrides.
+        overrides = dict(getattr(p, S.OVERRIDE_ATTR, None) or {})
+        overrides[field.key] = field.parse(x)
+        setattr(p, S.OVERRIDE_ATTR, overrides)
+
+    return apply
+
+
+def _axis_type(field: S.Field) -> type:
+    return {"float": float, "int": int}.get(field.kind, str)
+
+
+def _choices(field: S.Field):
+    if field.kind == "bool":
+        return lambda: ["True", "False"]
+    if field.kind == "choice":
+        return lambda: list(field.choices or ())
+    return None
+
+
+def axis_options(xyz: Any) -> list[Any]:
+    out = []
+    for field in S.FIELDS:
+        kwargs = {}
+        choices = _choices(field)
+        if choices is not None:
+            kwargs["choices"] = choices
+        out.append(xyz.AxisOption(S.XYZ_PREFIX + field.infotext, _axis_type(field), _apply(field), **kwargs))
+    return out
+
+
+def register() -> int:
+    """Add our axes once (idempotent); returns how many were added."""
+    xyz = find_xyz_module()
+    if xyz is None:
+        log.info("[Attention Toolkit] xyz_grid not found; no XYZ axes added")
+        return 0
+    have = {getattr(o, "label", None) for o in xyz.axis_options}
+    new = [o for o in axis_options(xyz) if o.label not in have]
+    xyz.axis_options.extend(new)
+    return len(new)

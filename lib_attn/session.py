@@ -1,0 +1,138 @@
+"""Per-generation state shared by the host adapters.
+
+A :class:`Session` lives on the processing object ``p`` for one generation (never in a module
+global).  It holds the parsed settings, the plan of the current sampling pass, the patches of
+that pass, the current step, and the first error met during sampling (raised once sampling is
+over, so a bad setting fails the generation loudly instead of being logged and dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from lib_attn.layers import LayerKey, LayerSelectorError, keys_from_module_names
+from lib_attn.methods.pag import PagPlan
+from lib_attn.registry import PatchSet
+from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
+
+log = logging.getLogger("lib_attn")
+
+SESSION_ATTR = "_attn_toolkit_session"
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What runs in one sampling pass (first pass or hires pass) on one UNet."""
+
+    is_hr_pass: bool
+    pag: PagPlan | None
+
+    @property
+    def any(self) -> bool:
+        return self.pag is not None
+
+
+def layer_keys(unet: nn.Module) -> list[LayerKey]:
+    return keys_from_module_names(name for name, _ in unet.named_modules())
+
+
+def plan_pass(settings: Settings, is_hr_pass: bool, available: Iterable[LayerKey]) -> PassPlan:
+    """Build the plan for a pass; a bad layer selector raises a SettingsError naming the field."""
+    available = list(available)
+    pag_settings = settings.pag.for_pass(is_hr_pass)
+    try:
+        pag = PagPlan.build(pag_settings, available)
+    except LayerSelectorError as e:
+        raise FIELD_BY_KEY["pag_layers"].error(str(e)) from None
+    return PassPlan(is_hr_pass, pag)
+
+
+class Session:
+    """State of one generation; subclassed per host."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.error: Exception | None = None
+        self.plan: PassPlan | None = None
+        self.pass_key: tuple | None = None
+        self.patches = PatchSet()
+        self.step = 0
+        self.total_steps = 0
+
+    def fail(self, error: Exception) -> None:
+        """Remember the first error; it is raised when sampling returns."""
+        if self.error is None:
+            self.error = error
+        log.error("[Attention Toolkit] %s", error)
+
+    def end_pass(self) -> None:
+        self.patches.remove()
+        self.plan = None
+        self.pass_key = None
+
+    def raise_pending(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+
+def check_settings_against(unet: nn.Module, settings: Settings) -> None:
+    """Validate model-dependent settings (layer selectors) for both passes before sampling starts."""
+    available = layer_keys(unet)
+    if not available:
+        raise SettingsError("model", "Model", "this model has no UNet attention layers the toolkit can hook")
+    plan_pass(settings, False, available)
+    plan_pass(settings, True, available)
+
+
+_SAMPLE_ATTR = "sample"
+_ORIGINAL = "__attn_toolkit_original__"
+
+
+def attach(p: object, session: Session) -> None:
+    """Put ``session`` on ``p`` and wrap ``p.sample`` (an instance attribute) so that every sampling
+    call runs inside ``session.sampling()`` and a pending error is raised once sampling returns."""
+    end(p)
+    setattr(p, SESSION_ATTR, session)
+    original = p.sample
+
+    def sample(*args, **kwargs):
+        with session.sampling():
+            result = original(*args, **kwargs)
+        session.raise_pending()
+        return result
+
+    setattr(sample, _ORIGINAL, original)
+    setattr(p, _SAMPLE_ATTR, sample)
+
+
+def get(p: object) -> Session | None:
+    return p.__dict__.get(SESSION_ATTR)
+
+
+def end(p: object) -> None:
+    """Detach the session and unwrap ``p.sample`` (postprocess; idempotent)."""
+    session = p.__dict__.pop(SESSION_ATTR, None)
+    wrapped = p.__dict__.get(_SAMPLE_ATTR)
+    if wrapped is not None and hasattr(wrapped, _ORIGINAL):
+        del p.__dict__[_SAMPLE_ATTR]
+    if session is not None:
+        session.end_pass()
+
+
+class FailedSession(Session):
+    """Stands in when the settings did not parse: the generation fails with the message."""
+
+    def __init__(self, error: Exception):
+        super().__init__(Settings())
+        self.error = error
+
+    @contextlib.contextmanager
+    def sampling(self):
+        self.raise_pending()
+        yield self

@@ -1,0 +1,108 @@
+"""Settings table <-> positional args <-> named API form <-> infotext, and error messages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lib_attn import settings as S
+
+EXAMPLE = {
+    "pag_enabled": True,
+    "pag_scale": 4.5,
+    "pag_adaptive_scale": 0.002,
+    "pag_start": 0.1,
+    "pag_end": 0.8,
+    "pag_layers": "middle, output.1.0",
+    "pag_hires": "own",
+    "pag_hires_scale": 1.5,
+}
+
+
+def test_table_matches_dataclasses():
+    for section in S.SECTIONS:
+        cls = S._SECTION_CLASSES[section]
+        names = [f.name for f in S.fields_of(section)]
+        assert names == [f.name for f in __import__("dataclasses").fields(cls)]
+        for f in S.fields_of(section):
+            assert getattr(cls(), f.name) == f.default, f.key
+    assert len({f.infotext for f in S.FIELDS}) == len(S.FIELDS)
+    assert all(f.infotext.startswith("PAG") for f in S.fields_of("pag"))
+
+
+def test_defaults_are_off():
+    s = S.from_args([])
+    assert s == S.defaults()
+    assert not s.any_active
+    assert s.to_infotext() == {}
+
+
+def test_positional_round_trip():
+    s = S.defaults().with_values(EXAMPLE)
+    assert S.from_args(s.to_args()) == s
+    assert s.values() == EXAMPLE
+
+
+def test_named_form_nested_and_flat():
+    nested = S.from_args([{"pag": {"scale": 4.5, "adaptive_scale": 0.002, "start": 0.1, "end": 0.8,
+                                   "layers": "middle, output.1.0", "hires": "own", "hires_scale": 1.5}}])
+    flat = S.from_args([{k: v for k, v in EXAMPLE.items()}])
+    dotted = S.from_args([{f"pag.{k[4:]}": v for k, v in EXAMPLE.items()}])
+    assert nested == flat == dotted == S.defaults().with_values(EXAMPLE)
+
+
+def test_named_section_enables_unless_told():
+    assert S.from_args([{"pag": {}}]).pag.enabled
+    assert not S.from_args([{"pag": {"enabled": False, "scale": 2}}]).pag.enabled
+
+
+def test_infotext_round_trip():
+    s = S.defaults().with_values(EXAMPLE)
+    text = s.to_infotext()
+    assert set(text) == {f.infotext for f in S.FIELDS if f.name != "enabled"}
+    back = S.defaults().with_values(S.from_infotext(text))
+    assert back == s
+    for f in S.FIELDS:
+        assert S.infotext_value(f, text) == EXAMPLE[f.key]
+        assert S.infotext_value(f, {}) == f.default
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "fragment"),
+    [
+        ([True, "abc"], "pag.scale", "expected a number"),
+        ([True, float("nan")], "pag.scale", "finite"),
+        ([True, -1.0], "pag.scale", "out of range"),
+        ([True, 31], "pag.scale", "out of range"),
+        (["maybe"], "pag.enabled", "true or false"),
+        ([True, 3.0, 0.0, 0.9, 0.2], "pag.end", "must not be below start"),
+        ([True, 3.0, 0.0, 0.0, 1.0, 5], "pag.layers", "expected text"),
+        ([True, 3.0, 0.0, 0.0, 1.0, "middle", "sometimes"], "pag.hires", "expected one of"),
+        ([{"pag": {"scael": 3}}], "pag_scael", "did you mean pag_scale"),
+        ([{"pag": 3}], "pag", "expected an object"),
+        ([{"nonsense": 1}], "nonsense", "unknown parameter"),
+        ([True, True], "pag.scale", "expected a number"),
+    ],
+)
+def test_errors_name_the_field(args, field, fragment):
+    with pytest.raises(S.SettingsError) as e:
+        S.from_args(args)
+    assert e.value.field == field
+    assert fragment in str(e.value)
+    assert str(e.value).startswith("Attention Toolkit:")
+
+
+def test_hires_override():
+    base = S.defaults().with_values({"pag_enabled": True, "pag_scale": 3.0, "pag_hires_scale": 1.0})
+    assert base.pag.for_pass(True) == base.pag
+    own = S.defaults().with_values({"pag_enabled": True, "pag_hires": "own", "pag_hires_scale": 1.0}).pag
+    assert own.for_pass(True).scale == 1.0 and own.for_pass(False).scale == 3.0
+    off = S.defaults().with_values({"pag_enabled": True, "pag_hires": "off"}).pag
+    assert not off.for_pass(True).enabled and off.for_pass(False).enabled
+
+
+def test_formatting_is_compact_and_exact():
+    f = S.FIELD_BY_KEY["pag_scale"]
+    for v in (0.1, 3.0, 2.75, 1e-3):
+        assert math.isclose(f.parse(f.format(v)), v)
