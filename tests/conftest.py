@@ -1,0 +1,23 @@
+"""Test setup: the repo root on sys.path, the real k-diffusion samplers importable, fixed seeds."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.kdiff import load_k_diffusion  # noqa: E402
+
+load_k_diffusion()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
