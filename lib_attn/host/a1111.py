@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-
 from modules import script_callbacks, shared
+from torch import nn
 
 from lib_attn import batch as batchmod
 from lib_attn.batch import BatchLayout

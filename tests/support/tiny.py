@@ -23,6 +23,7 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+from ldm.modules import attention as ldm_attention
 from ldm.modules.diffusionmodules import openaimodel
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
@@ -63,9 +64,19 @@ class _TorchWithCatFix:
         return self._torch.cat(tensors, *args, **kwargs)
 
 
+class _CastInput(nn.Sequential):
+    """ldm computes the timestep embedding in float32; cast it to the weights' dtype (lets tests run in float64)."""
+
+    def forward(self, x):
+        return super().forward(x.to(self[0].weight.dtype))
+
+
 def install_size_fix() -> None:
     if not isinstance(openaimodel.th, _TorchWithCatFix):
         openaimodel.th = _TorchWithCatFix(torch)
+    # ldm's attention upcasts q/k to float32 when _ATTN_PRECISION == "fp32"; with float32 inputs the other branch
+    # computes the same thing, and it also runs in float64 (used by the exactness tests).
+    ldm_attention._ATTN_PRECISION = "native"
 
 
 def make_unet(kind: str = "sd1", seed: int = 0, in_channels: int = 4) -> UNetModel:
@@ -84,6 +95,12 @@ def make_unet(kind: str = "sd1", seed: int = 0, in_channels: int = 4) -> UNetMod
             for p in unet.parameters():
                 if p.numel() and not p.any():
                     p.normal_(0.0, 0.05)
+    for m in unet.modules():  # ldm's GroupNorm32 upcasts to float32; plain GroupNorm is the same in float32
+        if type(m).__name__ == "GroupNorm32":
+            m.__class__ = nn.GroupNorm
+    unet.time_embed.__class__ = _CastInput
+    if isinstance(getattr(unet, "label_emb", None), nn.Sequential):
+        unet.label_emb.__class__ = _CastInput
     return unet.eval().requires_grad_(False)
 
 
@@ -150,6 +167,7 @@ class TinySD(nn.Module):
     # ---- UNet call as the WebUI makes it --------------------------------------------------------
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
         unet = self.model.diffusion_model
+        unet.dtype = self.dtype  # ldm casts the input to unet.dtype (float32 unless use_fp16)
         if self.is_sdxl:
             # sdkit's SpatialTransformer indexes the context per transformer block when depth > 1
             ctx, y = [cond["crossattn"]] * UNET_CONFIGS[self.kind]["transformer_depth"], cond["vector"]

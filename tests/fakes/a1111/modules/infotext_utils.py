@@ -1,0 +1,19 @@
+"""Double of modules/infotext_utils.py: parse 'key: value, key: "quoted, value"' infotext lines."""
+
+import json
+import re
+
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_generation_parameters(text):
+    res = {}
+    lines = text.strip().split("\n")
+    last = lines[-1]
+    res["Prompt"] = lines[0]
+    for k, v in _RE_PARAM.findall(last):
+        v = v.strip()
+        if v.startswith('"') and v.endswith('"'):
+            v = json.loads(v)
+        res[k.strip()] = v
+    return res

@@ -1,0 +1,36 @@
+"""Double of modules/sd_models.py: a registry of tiny checkpoints and model switching."""
+
+from types import SimpleNamespace
+
+from modules import script_callbacks, shared
+
+checkpoints: dict = {}  # title -> (info, factory)
+
+
+def register(title, factory):
+    info = SimpleNamespace(title=title, short_title=title, name=title)
+    checkpoints[title] = (info, factory)
+    return info
+
+
+def get_closet_checkpoint_match(title):
+    entry = checkpoints.get(title)
+    return entry[0] if entry else None
+
+
+def reload_model_weights(sd_model=None, info=None):
+    if info is None or getattr(shared.sd_model, "sd_checkpoint_info", None) == info:
+        return shared.sd_model
+    model = checkpoints[info.title][1]()
+    model.sd_checkpoint_info = info
+    shared.sd_model = model
+    script_callbacks.model_loaded_callback(model)
+    return model
+
+
+class SkipWritingToConfig:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,176 @@
+"""Put the A1111 double on sys.path for a ``with`` block, with a tiny real-ldm model loaded.
+
+    with a1111_host("sd1") as h:
+        h.load_script("scripts/attention_toolkit.py")
+        out = h.txt2img(prompt="a cat", steps=4, script_args=[...])
+
+Everything imported from the double (``modules.*``) and the extension's host adapters (``lib_attn.host.*``,
+which import ``modules``) is dropped from ``sys.modules`` on entry and exit, so tests can switch between the
+A1111 and the Forge double in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import pathlib
+import sys
+from types import SimpleNamespace
+
+FAKES = pathlib.Path(__file__).resolve().parent / "a1111"
+HOST_PREFIXES = ("modules", "backend", "ldm_patched", "modules_forge", "lib_attn.host.")
+
+
+def _is_host_module(name: str) -> bool:
+    return any(name == p.rstrip(".") or name.startswith(p if p.endswith(".") else p + ".") for p in HOST_PREFIXES)
+
+
+@contextlib.contextmanager
+def isolated_host(path: pathlib.Path):
+    saved_path = list(sys.path)
+    saved = {k: v for k, v in sys.modules.items() if _is_host_module(k)}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(path))
+    try:
+        yield
+    finally:
+        for k in [k for k in sys.modules if _is_host_module(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+        sys.path[:] = saved_path
+
+
+def load_script_module(path: pathlib.Path):
+    """Load a script file like the WebUI's script loader: module name = file basename, extension root on
+    sys.path while it runs."""
+    path = pathlib.Path(path).resolve()
+    root = str(path.parent.parent)
+    sys.path.insert(0, root)
+    try:
+        spec = importlib.util.spec_from_file_location(path.name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(root)
+    return module
+
+
+class A1111Host:
+    def __init__(self, kind: str, models: dict | None, dtype=None):
+        from tests.support.tiny import make_sd_model
+
+        names = ["shared", "script_callbacks", "processing", "scripts", "prompt_parser", "sd_models", "errors",
+                 "sd_samplers", "infotext_utils"]
+        self.modules = SimpleNamespace(**{n: importlib.import_module(f"modules.{n}") for n in names})
+        self.modules.api = importlib.import_module("modules.api.api")
+        m = self.modules
+        m.shared.opts.reset()
+        m.shared.state.reset()
+        m.script_callbacks.clear_callbacks()
+        m.errors.reported.clear()
+        factories = {kind: lambda: make_sd_model(kind)}
+        factories.update(models or {})
+        if dtype is not None:  # e.g. float64 for exact comparisons against independent computations
+            factories = {t: (lambda f=f: f().to(dtype)) for t, f in factories.items()}
+        for title, factory in factories.items():
+            m.sd_models.register(title, factory)
+        m.shared.sd_model = None
+        m.sd_models.reload_model_weights(info=m.sd_models.get_closet_checkpoint_match(kind))
+        self.runners = {False: m.scripts.ScriptRunner(False), True: m.scripts.ScriptRunner(True)}
+        m.scripts.scripts_txt2img, m.scripts.scripts_img2img = self.runners[False], self.runners[True]
+
+    @property
+    def errors(self) -> list[str]:
+        return self.modules.errors.reported
+
+    def callback_count(self, kinds=("cfg_denoiser", "cfg_denoised", "cfg_after_cfg")) -> int:
+        cmap = self.modules.script_callbacks.callback_map
+        return sum(len(cmap[f"callbacks_{k}"]) for k in kinds)
+
+    def load_script(self, path):
+        import gradio as gr
+
+        module = load_script_module(path)
+        classes = [c for c in vars(module).values()
+                   if isinstance(c, type) and issubclass(c, self.modules.scripts.Script) and c is not self.modules.scripts.Script]
+        for runner in self.runners.values():
+            for cls in classes:
+                script = cls()
+                script.filename = str(path)
+                runner.add(script)
+                with gr.Blocks():
+                    runner.create_script_ui(script)
+        self.modules.script_callbacks.before_ui_callback()
+        return module
+
+    def script(self, is_img2img=False, title="Attention Toolkit"):
+        return next(s for s in self.runners[is_img2img].scripts if s.title() == title)
+
+    def default_args(self, is_img2img=False) -> list:
+        runner = self.runners[is_img2img]
+        return [None] + [getattr(c, "value", None) for c in runner.inputs[1:]]
+
+    def _args(self, is_img2img, script_args):
+        args = self.default_args(is_img2img)
+        if script_args is not None and self.runners[is_img2img].scripts:
+            s = self.script(is_img2img)
+            for i, v in enumerate(list(script_args)[: s.args_to - s.args_from]):
+                args[s.args_from + i] = v
+        return args
+
+    def txt2img(self, script_args=None, **kw):
+        m = self.modules
+        p = m.processing.StableDiffusionProcessingTxt2Img(scripts=self.runners[False],
+                                                          script_args=self._args(False, script_args), **kw)
+        return m.processing.process_images(p)
+
+    def img2img(self, script_args=None, **kw):
+        m = self.modules
+        p = m.processing.StableDiffusionProcessingImg2Img(scripts=self.runners[True],
+                                                          script_args=self._args(True, script_args), **kw)
+        return m.processing.process_images(p)
+
+    def _api(self, payload: dict, is_img2img: bool) -> tuple[int, dict]:
+        m = self.modules
+        payload = dict(payload)
+        try:
+            args = m.api.init_script_args(payload, self.default_args(is_img2img), self.runners[is_img2img])
+            payload.pop("alwayson_scripts", None)
+            if is_img2img:
+                payload["init_images"] = [m.api.decode_base64_to_image(s) for s in payload.get("init_images", [])]
+                if payload.get("mask"):
+                    payload["mask"] = m.api.decode_base64_to_image(payload["mask"])
+                cls = m.processing.StableDiffusionProcessingImg2Img
+            else:
+                cls = m.processing.StableDiffusionProcessingTxt2Img
+            p = cls(scripts=self.runners[is_img2img], script_args=args, **payload)
+            p.is_api = True
+            processed = m.processing.process_images(p)
+        except m.api.HTTPException as e:
+            return e.status_code, {"detail": e.detail}
+        except Exception as e:  # A1111's API middleware turns it into a 500 with the message
+            return 500, {"error": type(e).__name__, "detail": "", "body": "", "errors": str(e)}
+        images = [m.api.encode_pil_to_base64(im) for im in processed.images]
+        return 200, {"images": images, "parameters": {}, "info": processed.js()}
+
+    def api_txt2img(self, payload: dict) -> tuple[int, dict]:
+        return self._api(payload, False)
+
+    def api_img2img(self, payload: dict) -> tuple[int, dict]:
+        return self._api(payload, True)
+
+
+def info_of(response: dict) -> dict:
+    return json.loads(response["info"])
+
+
+@contextlib.contextmanager
+def a1111_host(kind: str = "sd1", *, opts: dict | None = None, models: dict | None = None, dtype=None):
+    with isolated_host(FAKES):
+        host = A1111Host(kind, models, dtype)
+        for k, v in (opts or {}).items():
+            setattr(host.modules.shared.opts, k, v)
+        yield host
