@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lib_attn import settings as S
-from tests.fakes.a1111_env import a1111_host
+from tests.fakes.a1111_double import a1111_host
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "attention_toolkit.py"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib_attn import settings as S
-from tests.fakes.a1111_env import a1111_host
+from tests.fakes.a1111_double import a1111_host
 from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers, identity_on, pag_args
 
 BASE = dict(prompt="a red cube", negative_prompt="blurry", seed=3, steps=3, cfg_scale=5.0, width=96, height=80)

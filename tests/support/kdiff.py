@@ -5,7 +5,8 @@ scikit-image, none of which the samplers use.  :func:`load_k_diffusion` register
 bare package whose ``__path__`` is the installed directory, so ``import k_diffusion.sampling`` and
 ``import k_diffusion.external`` run the installed files unchanged.  ``k_diffusion/utils.py`` imports
 ``torchvision.transforms.functional`` at the top for image helpers the samplers never call; when
-torchvision cannot be imported, a stub module stands in for that one import only.
+torchvision cannot be imported, a stub module stands in for that one import and is removed from
+``sys.modules`` right after.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import sys
 import types
 
 
-def _stub_torchvision() -> None:
+def _stub_torchvision() -> list[str]:
+    """Install the stub when torchvision does not import; returns the module names to remove afterwards."""
     try:
         import torchvision.transforms.functional  # noqa: F401
 
-        return
+        return []
     except Exception:  # missing, or a build that does not match torch
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
@@ -35,11 +37,13 @@ def _stub_torchvision() -> None:
     functional.to_pil_image = functional.to_tensor = _unavailable
     tv.transforms = transforms
     transforms.functional = functional
-    sys.modules.update({
+    stubs = {
         "torchvision": tv,
         "torchvision.transforms": transforms,
         "torchvision.transforms.functional": functional,
-    })
+    }
+    sys.modules.update(stubs)
+    return list(stubs)
 
 
 def load_k_diffusion() -> types.ModuleType:
@@ -50,10 +54,16 @@ def load_k_diffusion() -> types.ModuleType:
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("k-diffusion is not installed (bash tests/run.sh installs it with --no-deps)")
-    _stub_torchvision()
+    stubs = _stub_torchvision()
     pkg = types.ModuleType("k_diffusion")
     pkg.__path__ = list(spec.submodule_search_locations)
     pkg.__file__ = spec.origin
     pkg.__package__ = "k_diffusion"
+    pkg.__spec__ = spec  # importlib.util.find_spec("k_diffusion") (diffusers asks) must keep working
     sys.modules["k_diffusion"] = pkg
+    try:
+        importlib.import_module("k_diffusion.utils")  # the one module that imports torchvision
+    finally:
+        for name in stubs:  # the stub lives only inside k_diffusion.utils; nobody else sees a fake torchvision
+            sys.modules.pop(name, None)
     return pkg

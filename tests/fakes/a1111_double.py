@@ -19,7 +19,7 @@ import pathlib
 import sys
 from types import SimpleNamespace
 
-FAKES = pathlib.Path(__file__).resolve().parent / "a1111"
+FAKES = pathlib.Path(__file__).resolve().parent / "a1111_double"
 HOST_PREFIXES = ("modules", "backend", "ldm_patched", "modules_forge", "lib_attn.host.")
 
 
