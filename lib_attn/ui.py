@@ -5,8 +5,10 @@ other controls live in a body column that a gradio ``.change`` event shows only 
 Works on gradio 3.41 (A1111, Forge-old, reForge) and gradio 4.x (Forge).
 
 Hover help: every control also gets its ``help`` text as gradio's ``info=`` line where the component supports it,
-and a hidden HTML block carries ``{elem_id: help}`` as JSON for ``javascript/attention_toolkit.js``, which sets
-the ``title`` of each control.  The texts live only in ``settings.py``.
+and a hidden HTML block per tab carries :func:`page_data` (``{"help": {elem_id: help}, "sections": [...],
+"sync": elem_id}``) as JSON for ``javascript/attention_toolkit.js``, which sets the ``title`` of each control and,
+on page load, clicks the hidden sync button when a body's visibility disagrees with its checkbox.  The help texts
+live only in ``settings.py``.
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ def build(is_img2img: bool, elem_id: Callable[[str], str]) -> UiParts:
         sync_id = None
         if toggles:
             sync_id = elem_id("sync")
-            sync = gr.Button("sync", elem_id=sync_id, elem_classes=[f"{CSS_ROOT}-hidden"])
+            sync = gr.Button(f"{S.TITLE}: sync", elem_id=sync_id, elem_classes=[f"{CSS_ROOT}-hidden"])
             sync.click(
                 fn=_visibilities,
                 inputs=[s.enabled for s in toggles],
