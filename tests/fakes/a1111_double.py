@@ -170,7 +170,13 @@ def info_of(response: dict) -> dict:
 @contextlib.contextmanager
 def a1111_host(kind: str = "sd1", *, opts: dict | None = None, models: dict | None = None, dtype=None):
     with isolated_host(FAKES):
-        host = A1111Host(kind, models, dtype)
-        for k, v in (opts or {}).items():
-            setattr(host.modules.shared.opts, k, v)
-        yield host
+        from modules import sd_hijack_optimizations
+
+        sd_hijack_optimizations.apply()  # the WebUI's default cross-attention optimization (sdp), class-level
+        try:
+            host = A1111Host(kind, models, dtype)
+            for k, v in (opts or {}).items():
+                setattr(host.modules.shared.opts, k, v)
+            yield host
+        finally:
+            sd_hijack_optimizations.undo()

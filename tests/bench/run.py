@@ -1,0 +1,107 @@
+"""Benchmarks: cost of each method against plain sampling, measured in the same run.
+
+    .venv/bin/python tests/bench/run.py pag [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
+
+``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
+ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
+the median per-step times (wall clock, and this process's CPU time, which a busy shared machine disturbs less)
+and, as its last line, ``ratio pag_vs_cfg_step <value>`` (wall clock).  ``--size sd15`` builds a
+full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent); expect minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import tests.conftest  # noqa: E402,F401  (loads k-diffusion the way the tests do)
+from lib_attn import settings as S  # noqa: E402
+from tests.fakes.a1111_double import a1111_host  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "attention_toolkit.py"
+
+SIZES = {
+    # name: (model kind passed to the double, latent-space image size in pixels)
+    "tiny": ("sd1", 256),
+    "sd15": ("sd15", 512),
+}
+
+
+def _timed_sampling(h):
+    """Wrap the double's txt2img sampling (class level, under the extension's own wrapper) with a timer."""
+    cls = h.modules.processing.StableDiffusionProcessingTxt2Img
+    original = cls.sample
+    times: list[tuple[float, float]] = []  # (wall, process CPU) seconds per sampling call
+
+    def sample(self, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
+
+    cls.sample = sample
+    return times, lambda: setattr(cls, "sample", original)
+
+
+def bench_pag(args: argparse.Namespace) -> float:
+    kind, size = SIZES[args.size]
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with a1111_host(kind) as h:
+        h.load_script(SCRIPT)
+        times, restore = _timed_sampling(h)
+        off = S.defaults().to_args()
+        on = S.defaults().with_values({"pag_enabled": True, "pag_scale": 3.0}).to_args()
+        base = dict(prompt="a photo of a cat", negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0,
+                    width=size, height=size, batch_size=args.batch, sampler_name="Euler")
+        try:
+            h.txt2img(**base, script_args=on)  # warm-up
+            h.txt2img(**base, script_args=off)
+            cfg_t, pag_t = [], []
+            for _ in range(args.repeat):
+                h.txt2img(**base, script_args=off)
+                cfg_t.append(times[-1])
+                h.txt2img(**base, script_args=on)
+                pag_t.append(times[-1])
+        finally:
+            restore()
+    print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, "
+          f"torch threads {torch.get_num_threads()}, attention: sdp as the WebUI's default optimization)")
+    ratios = {}
+    for i, clock in enumerate(("cpu", "wall")):
+        cfg_s = statistics.median(t[i] for t in cfg_t) / args.steps
+        pag_s = statistics.median(t[i] for t in pag_t) / args.steps
+        ratios[clock] = pag_s / cfg_s
+        print(f"{clock:4s} step cfg {cfg_s * 1000:8.2f} ms   step cfg+pag {pag_s * 1000:8.2f} ms")
+    print(f"ratio pag_vs_cfg_step_cpu {ratios['cpu']:.3f}")
+    print(f"ratio pag_vs_cfg_step {ratios['wall']:.3f}")
+    return ratios["wall"]
+
+
+BENCHES = {"pag": bench_pag}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("method", choices=sorted(BENCHES))
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    BENCHES[args.method](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Soak: many generations with random PAG settings, batch sizes, sizes, samplers, hires on/off, exceptions
+injected inside the UNet and interrupts at random steps, on the A1111 double.  After every generation nothing of
+ours is left on the model or in the callback lists; afterwards a reference generation equals a fresh host's, and
+the process's memory has not grown.
+
+``ATTN_SOAK`` sets the count (default 25, which CI runs); ``ATTN_SOAK=1000 bash tests/run.sh tests/test_soak.py``
+is the long run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+from lib_attn import settings as S
+from tests.fakes.a1111_double import a1111_host
+from tests.test_pag_a1111 import SCRIPT
+
+COUNT = int(os.environ.get("ATTN_SOAK", "25"))
+REFERENCE = dict(prompt="a lighthouse", negative_prompt="fog", seed=9, steps=3, cfg_scale=6.0, width=96, height=80,
+                 sampler_name="Euler a", batch_size=2,
+                 script_args=S.defaults().with_values({"pag_enabled": True, "pag_scale": 2.0}).to_args())
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def random_settings(rng: random.Random) -> list:
+    start = rng.choice([0.0, 0.0, 0.3])
+    values = {
+        "pag_enabled": rng.random() < 0.8,
+        "pag_scale": rng.choice([0.0, 1.0, 3.0, 5.5]),
+        "pag_adaptive_scale": rng.choice([0.0, 0.0, 0.002]),
+        "pag_start": start,
+        "pag_end": rng.choice([1.0, max(start, 0.6)]),
+        "pag_layers": rng.choice(["middle", "input.4, output.4", "all", "output"]),
+        "pag_hires": rng.choice(S.HIRES_MODES),
+        "pag_hires_scale": rng.choice([0.0, 2.0]),
+    }
+    return S.defaults().with_values(values).to_args()
+
+
+def assert_clean(h):
+    unet = h.modules.shared.sd_model.model.diffusion_model
+    for name, m in unet.named_modules():
+        assert "forward" not in m.__dict__, name
+        assert not m._forward_pre_hooks and not m._forward_hooks, name
+    assert h.callback_count() == 0
+
+
+def test_soak_random_generations():
+    with a1111_host("sd1") as fresh:
+        fresh.load_script(SCRIPT)
+        expected = fresh.txt2img(**REFERENCE).samples
+
+    rng = random.Random(1234)
+    failures = interrupts = 0
+    with a1111_host("sd1") as h:
+        h.load_script(SCRIPT)
+        torch.manual_seed(0)
+        h.txt2img(**REFERENCE)  # warm-up before measuring memory
+        rss0 = rss_mb()
+        unet = h.modules.shared.sd_model.model.diffusion_model
+        for i in range(COUNT):
+            size = rng.choice([(64, 64), (72, 56), (96, 80), (128, 96)])
+            kw = dict(prompt=rng.choice(["a cat", "a cat AND a hat:0.7", "[a cat:a dog:0.5]"]), negative_prompt="",
+                      seed=i, steps=rng.choice([2, 3]), cfg_scale=rng.choice([1.0, 5.0]), width=size[0],
+                      height=size[1], batch_size=rng.choice([1, 2]),
+                      sampler_name=rng.choice(["Euler", "Euler a", "DPM++ 2M", "Heun", "DDIM"]),
+                      script_args=random_settings(rng))
+            h.modules.shared.opts.batch_cond_uncond = rng.random() < 0.7
+            if rng.random() < 0.3:
+                kw.update(enable_hr=True, hr_scale=1.5, hr_upscaler=rng.choice(["Latent", "Lanczos"]),
+                          denoising_strength=0.5)
+            fault = rng.random()
+            handle = None
+            if fault < 0.1:
+                calls = {"n": 0, "at": rng.randint(1, 4)}
+
+                def boom(module, args, calls=calls):
+                    calls["n"] += 1
+                    if calls["n"] == calls["at"]:
+                        raise RuntimeError("injected")
+
+                handle = unet.register_forward_pre_hook(boom)
+            elif fault < 0.2:
+                h.modules.shared.state.interrupt_at_step = rng.randint(1, 2)
+                interrupts += 1
+            try:
+                h.txt2img(**kw)
+            except RuntimeError as e:
+                assert "injected" in str(e)
+                failures += 1
+            finally:
+                if handle is not None:
+                    handle.remove()
+                h.modules.shared.state.reset()
+            assert_clean(h)
+        h.modules.shared.opts.batch_cond_uncond = True
+        again = h.txt2img(**REFERENCE).samples
+        growth = rss_mb() - rss0
+    assert torch.equal(again, expected), "state carried over from earlier generations"
+    assert growth < 50, f"RSS grew by {growth:.1f} MB over {COUNT} generations"
+    if COUNT >= 20:
+        assert failures > 0 and interrupts > 0  # the faults were really exercised
