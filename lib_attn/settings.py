@@ -147,22 +147,94 @@ _PARSERS = {
 # The table.  Order = positional order of the script's args; never reorder, only append.
 # --------------------------------------------------------------------------------------------
 FIELDS: tuple[Field, ...] = (
-    Field("pag", "enabled", "Enable PAG", "PAG", "bool", False,
-          help="Perturbed-Attention Guidance: steer away from a prediction whose self-attention is replaced by the identity."),
-    Field("pag", "scale", "PAG scale", "PAG scale", "float", 3.0, 0.0, 30.0, 0.1,
-          help="Strength of the PAG term s in uncond + cfg*(cond-uncond) + s*(cond-perturbed). 0 switches PAG off."),
-    Field("pag", "adaptive_scale", "Adaptive scale", "PAG adaptive scale", "float", 0.0, 0.0, 1.0, 0.001,
-          help="diffusers' pag_adaptive_scale: the scale falls as s - a*(1000 - t) with the UNet timestep t, clipped at 0."),
-    Field("pag", "start", "Start (fraction of steps)", "PAG start", "float", 0.0, 0.0, 1.0, 0.01,
-          help="PAG acts from this fraction of the sampling steps..."),
-    Field("pag", "end", "End (fraction of steps)", "PAG end", "float", 1.0, 0.0, 1.0, 0.01,
-          help="...up to this fraction of the sampling steps (inclusive)."),
-    Field("pag", "layers", "Layers", "PAG layers", "str", "middle",
-          help="Self-attention layers to perturb: comma-separated selectors such as middle, input.4, output.1.0, all."),
-    Field("pag", "hires", "Hires pass", "PAG hires", "choice", "same", choices=HIRES_MODES,
-          help="In the hires-fix pass: same settings as the first pass, an own scale, or off."),
-    Field("pag", "hires_scale", "Hires PAG scale", "PAG hires scale", "float", 3.0, 0.0, 30.0, 0.1,
-          help="PAG scale used in the hires-fix pass when 'Hires pass' is 'own'."),
+    Field(
+        "pag",
+        "enabled",
+        "Enable PAG",
+        "PAG",
+        "bool",
+        False,
+        help="Perturbed-Attention Guidance: steer away from a prediction whose self-attention is replaced by the identity.",
+    ),
+    Field(
+        "pag",
+        "scale",
+        "PAG scale",
+        "PAG scale",
+        "float",
+        3.0,
+        0.0,
+        30.0,
+        0.1,
+        help="Strength of the PAG term s in uncond + cfg*(cond-uncond) + s*(cond-perturbed). 0 switches PAG off.",
+    ),
+    Field(
+        "pag",
+        "adaptive_scale",
+        "Adaptive scale",
+        "PAG adaptive scale",
+        "float",
+        0.0,
+        0.0,
+        1.0,
+        0.001,
+        help="diffusers' pag_adaptive_scale: the scale falls as s - a*(1000 - t) with the UNet timestep t, clipped at 0.",
+    ),
+    Field(
+        "pag",
+        "start",
+        "Start (fraction of steps)",
+        "PAG start",
+        "float",
+        0.0,
+        0.0,
+        1.0,
+        0.01,
+        help="PAG acts from this fraction of the sampling steps...",
+    ),
+    Field(
+        "pag",
+        "end",
+        "End (fraction of steps)",
+        "PAG end",
+        "float",
+        1.0,
+        0.0,
+        1.0,
+        0.01,
+        help="...up to this fraction of the sampling steps (inclusive).",
+    ),
+    Field(
+        "pag",
+        "layers",
+        "Layers",
+        "PAG layers",
+        "str",
+        "middle",
+        help="Self-attention layers to perturb: comma-separated selectors such as middle, input.4, output.1.0, all.",
+    ),
+    Field(
+        "pag",
+        "hires",
+        "Hires pass",
+        "PAG hires",
+        "choice",
+        "same",
+        choices=HIRES_MODES,
+        help="In the hires-fix pass: same settings as the first pass, an own scale, or off.",
+    ),
+    Field(
+        "pag",
+        "hires_scale",
+        "Hires PAG scale",
+        "PAG hires scale",
+        "float",
+        3.0,
+        0.0,
+        30.0,
+        0.1,
+        help="PAG scale used in the hires-fix pass when 'Hires pass' is 'own'.",
+    ),
 )
 
 FIELD_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
@@ -285,7 +357,7 @@ def from_args(args: Sequence[Any]) -> Settings:
     if args and isinstance(args[0], Mapping):
         return from_named(args[0])
     if len(args) > len(FIELDS):
-        extra = args[len(FIELDS):]
+        extra = args[len(FIELDS) :]
         if any(a is not None for a in extra):
             raise SettingsError("args", "args", f"expected at most {len(FIELDS)} positional values, got {len(args)}")
     flat = {}

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 import torch
 
 from lib_attn import settings as S
 from tests.fakes.forge_env import forge_host
+from tests.test_pag_a1111 import SCRIPT, pag_args
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "attention_toolkit.py"
 BASE = dict(prompt="a red cube", negative_prompt="blurry", seed=5, steps=3, cfg_scale=5.0, width=128, height=128)
-
-
-def pag_args(**kw):
-    return S.defaults().with_values({"pag_enabled": True, **{f"pag_{k}": v for k, v in kw.items()}}).to_args()
 
 
 def test_off_is_bit_identical():

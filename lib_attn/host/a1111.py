@@ -39,6 +39,7 @@ from lib_attn.settings import Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
 
+
 def unet_of(sd_model: Any) -> nn.Module | None:
     model = getattr(sd_model, "model", None)
     return getattr(model, "diffusion_model", None)
@@ -176,7 +177,11 @@ class A1111Session(Session):
         delta = pag_delta(st.cond_out, st.pert_out, st.scale)
         den = st.denoiser
         nmask = getattr(den, "nmask", None)
-        if getattr(den, "mask", None) is not None and nmask is not None and not getattr(den, "mask_before_denoising", False):
+        if (
+            getattr(den, "mask", None) is not None
+            and nmask is not None
+            and not getattr(den, "mask_before_denoising", False)
+        ):
             delta = delta * nmask  # keep the inpainting blend: no change where the original is kept
         params.x = params.x + delta.to(params.x.dtype)
 

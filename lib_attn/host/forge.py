@@ -132,7 +132,9 @@ def _diffusion_model(p: Any) -> Any:
 
 def _unsupported_error(p: Any) -> SettingsError:
     name = type(getattr(p, "sd_model", None)).__name__
-    return SettingsError("model", "Model", f"the loaded model ({name}) has no UNet; the toolkit supports SD1.x, SD2.x and SDXL")
+    return SettingsError(
+        "model", "Model", f"the loaded model ({name}) has no UNet; the toolkit supports SD1.x, SD2.x and SDXL"
+    )
 
 
 # ---- entry points used by the Script ----------------------------------------------------------
