@@ -170,8 +170,10 @@ def test_img2img_inpaint_mask_and_batches():
         assert_no_leftovers(h)
 
 
-def test_sdxl_dict_conds_and_ten_block_middle():
-    with a1111_host("sdxl", dtype=torch.float64) as h:
+@pytest.mark.parametrize("kind", ["sdxl", "sd2"])
+def test_sdxl_dict_conds_and_sd2_v_prediction(kind):
+    """SDXL: dict conds, ten transformer blocks in the middle; SD2: v-prediction, linear proj_in."""
+    with a1111_host(kind, dtype=torch.float64) as h:
         h.load_script(SCRIPT)
         kw = dict(BASE, batch_size=2, sampler_name="Euler", width=128, height=128, script_args=pag_args())
         a, b = run_both_batching(h, **kw)
