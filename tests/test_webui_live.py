@@ -1,0 +1,170 @@
+"""Against a real, running WebUI (A1111 or Forge) with this extension installed, through its HTTP API.
+
+Not part of the default run (marker ``webui``).  Start the WebUI with ``--api`` and any SD1.x/SD2.x/SDXL
+checkpoint, then:
+
+    ATTN_WEBUI_URL=http://127.0.0.1:7860 bash tests/run.sh -m webui
+
+Each check talks to the WebUI as a user's script would: ``alwayson_scripts`` with the named and the
+positional form, bad input, hires fix, img2img with a mask, and "off" equal to no extension.  Seeds are
+fixed and the checks compare decoded pixels, so they hold on any deterministic backend (CPU).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_attn import settings as S
+
+pytestmark = pytest.mark.webui
+
+URL = os.environ.get("ATTN_WEBUI_URL", "http://127.0.0.1:7860").rstrip("/")
+TITLE = "Attention Toolkit"
+SIZE = int(os.environ.get("ATTN_WEBUI_SIZE", "128"))
+BASE = {"prompt": "a red cube on a table", "negative_prompt": "blurry", "seed": 123, "steps": 4, "cfg_scale": 5.0,
+        "width": SIZE, "height": SIZE, "sampler_name": "Euler", "batch_size": 1}
+
+
+def call(path: str, payload: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except ValueError:
+            return e.code, {"raw": body.decode(errors="replace")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def webui():
+    try:
+        status, _ = call("/sdapi/v1/sd-models", timeout=10)
+    except OSError as e:
+        pytest.skip(f"no WebUI at {URL}: {e}")
+    assert status == 200
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1]))).convert("RGB"), dtype=np.int16)
+
+
+def txt2img(args=None, **kw):
+    payload = {**BASE, **kw}
+    if args is not None:
+        payload["alwayson_scripts"] = {TITLE: {"args": args}}
+    return call("/sdapi/v1/txt2img", payload)
+
+
+def ok(resp: tuple[int, dict]) -> dict:
+    status, body = resp
+    assert status == 200, body
+    return body
+
+
+def infotext(body: dict) -> str:
+    return json.loads(body["info"])["infotexts"][0]
+
+
+def encode(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_script_is_listed_for_both_tabs():
+    body = ok(call("/sdapi/v1/scripts"))
+    assert TITLE.lower() in body["txt2img"] and TITLE.lower() in body["img2img"]
+    info = ok(call("/sdapi/v1/script-info"))
+    ours = [s for s in info if s["name"] == TITLE.lower()]
+    assert {s["is_img2img"] for s in ours} == {False, True}
+    labels = [a["label"] for a in ours[0]["args"]]
+    assert len(labels) >= len(S.FIELDS), labels
+
+
+def test_off_is_identical_to_no_extension_and_pag_changes_the_image():
+    plain = ok(txt2img())
+    off = ok(txt2img([{"pag": {"enabled": False}}]))
+    positional_off = ok(txt2img(S.defaults().to_args()))
+    assert np.array_equal(pixels(plain["images"][0]), pixels(off["images"][0]))
+    assert np.array_equal(pixels(plain["images"][0]), pixels(positional_off["images"][0]))
+    assert "PAG" not in infotext(off)
+
+    pag = ok(txt2img([{"pag": {"scale": 3.0, "layers": "middle"}}]))
+    text = infotext(pag)
+    assert "PAG scale: 3" in text and "PAG layers: middle" in text, text
+    assert np.abs(pixels(pag["images"][0]) - pixels(plain["images"][0])).max() > 0
+
+
+def test_named_flat_and_positional_forms_agree():
+    values = {"pag_enabled": True, "pag_scale": 2.0, "pag_start": 0.0, "pag_end": 0.75, "pag_layers": "middle"}
+    named = ok(txt2img([{"pag": {"scale": 2.0, "end": 0.75, "layers": "middle"}}]))
+    flat = ok(txt2img([{"pag_scale": 2.0, "pag.end": 0.75}]))
+    positional = ok(txt2img(S.defaults().with_values(values).to_args()))
+    ref = pixels(named["images"][0])
+    assert np.array_equal(ref, pixels(flat["images"][0]))
+    assert np.array_equal(ref, pixels(positional["images"][0]))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([{"pag": {"scale": 99}}], "PAG scale (pag.scale)"),
+        ([{"pag": {"scale": "strong"}}], "PAG scale (pag.scale)"),
+        ([{"pag": {"layers": "output.99"}}], "(pag.layers): 'output.99' matched no layer"),
+        ([{"pag": {"hires": "sometimes"}}], "(pag.hires)"),
+        ([{"pag": {"sclae": 2}}], "pag_scale"),
+    ],
+)
+def test_bad_input_names_the_field_and_the_webui_keeps_serving(args, fragment):
+    status, body = txt2img(args)
+    assert status >= 400, body
+    assert fragment in json.dumps(body), body
+    ok(txt2img())
+
+
+def test_hires_fix_modes():
+    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2)
+    plain = pixels(ok(txt2img(**hr))["images"][0])
+    same = ok(txt2img([{"pag": {"scale": 3.0}}], **hr))
+    own = ok(txt2img([{"pag": {"scale": 3.0, "hires": "own", "hires_scale": 1.0}}], **hr))
+    off = ok(txt2img([{"pag": {"scale": 3.0, "hires": "off"}}], **hr))
+    assert "PAG hires: own" in infotext(own) and "PAG hires scale: 1" in infotext(own)
+    size = round(SIZE * 1.5) // 8 * 8
+    images = [pixels(b["images"][0]) for b in (same, own, off)]
+    assert all(im.shape[:2] == (size, size) for im in images)
+    assert len({im.tobytes() for im in [plain, *images]}) == 4  # every mode gives its own result
+
+
+def test_img2img_with_mask():
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, : SIZE // 2] = 255
+    payload = {**BASE, "init_images": [encode(init)], "mask": encode(Image.fromarray(mask)), "denoising_strength": 0.6,
+               "inpainting_fill": 1, "inpaint_full_res": False, "mask_blur": 0}
+    plain = pixels(ok(call("/sdapi/v1/img2img", payload))["images"][0])
+    pag = ok(call("/sdapi/v1/img2img", {**payload, "alwayson_scripts": {TITLE: {"args": [{"pag": {"scale": 3}}]}}}))
+    out = pixels(pag["images"][0])
+    assert "PAG scale: 3" in infotext(pag)
+    assert np.abs(out[:, : SIZE // 2 - 8] - plain[:, : SIZE // 2 - 8]).max() > 0  # masked half regenerated
+
+
+def test_batch_and_repeat_give_the_same_result_as_a_fresh_call():
+    first = ok(txt2img([{"pag": {"scale": 3}}], batch_size=2))
+    txt2img([{"pag": {"scale": 99}}])  # a failed generation in between
+    again = ok(txt2img([{"pag": {"scale": 3}}], batch_size=2))
+    for a, b in zip(first["images"], again["images"], strict=True):
+        assert np.array_equal(pixels(a), pixels(b))
