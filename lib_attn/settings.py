@@ -337,6 +337,7 @@ def defaults() -> Settings:
 def from_named(named: Mapping[str, Any]) -> Settings:
     """Parse the named API form: ``{"pag": {"scale": 3}}`` and/or flat ``{"pag_scale": 3}``."""
     flat: dict[str, Any] = {f.key: f.default for f in FIELDS}
+    implied: set[str] = set()
     for k, v in named.items():
         if k in SECTIONS:
             if not isinstance(v, Mapping):
@@ -348,6 +349,11 @@ def from_named(named: Mapping[str, Any]) -> Settings:
         else:
             f = _lookup(k)
             flat[f.key] = f.parse(v)
+            if f.name != "enabled":
+                implied.add(f.section)
+    for section in implied:  # a flat name of a method switches it on unless "enabled" is given
+        if not any(_lookup(k).key == f"{section}_enabled" for k in named if k not in SECTIONS):
+            flat[f"{section}_enabled"] = True
     return _build(flat)
 
 

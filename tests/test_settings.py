@@ -55,6 +55,11 @@ def test_named_form_nested_and_flat():
 def test_named_section_enables_unless_told():
     assert S.from_args([{"pag": {}}]).pag.enabled
     assert not S.from_args([{"pag": {"enabled": False, "scale": 2}}]).pag.enabled
+    # flat names switch their method on too (found through the real WebUI's API), unless told otherwise
+    assert S.from_args([{"pag_scale": 2}]).pag.enabled
+    assert S.from_args([{"pag.end": 0.5}]).pag.enabled
+    assert not S.from_args([{"pag_scale": 2, "pag_enabled": False}]).pag.enabled
+    assert not S.from_args([{"pag.enabled": "false", "pag.scale": 2}]).pag.enabled
 
 
 def test_infotext_round_trip():

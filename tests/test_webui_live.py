@@ -168,3 +168,29 @@ def test_batch_and_repeat_give_the_same_result_as_a_fresh_call():
     again = ok(txt2img([{"pag": {"scale": 3}}], batch_size=2))
     for a, b in zip(first["images"], again["images"], strict=True):
         assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_xyz_plot_axis():
+    """X/Y/Z plot with ``[Attention] PAG scale`` as X axis: each cell equals the same settings run alone."""
+    info = ok(call("/sdapi/v1/script-info"))
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    axis = xyz["args"][0]["choices"].index("[Attention] PAG scale")
+    none = xyz["args"][0]["choices"].index("Nothing")
+    args = [axis, "0, 2.5", [], none, "", [], none, "", [], True, True, False, False, 0, 0, 0, 0, False]
+    body = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args}))
+    cells = [pixels(b) for b in body["images"][1:3]]  # [grid, cell 0, cell 1]
+    plain = pixels(ok(txt2img())["images"][0])
+    pag = pixels(ok(txt2img([{"pag": {"scale": 2.5}}]))["images"][0])
+    assert np.array_equal(cells[0], plain)
+    assert np.array_equal(cells[1], pag)
+    assert "PAG scale: 2.5" in json.loads(body["info"])["infotexts"][2]
+
+
+def test_infotext_parses_back_through_the_webui():
+    """The WebUI's own infotext parser (``/sdapi/v1/png-info``) gives back every value the UI restores."""
+    values = {"pag_enabled": True, "pag_scale": 2.5, "pag_adaptive_scale": 0.001, "pag_start": 0.1, "pag_end": 0.9,
+              "pag_layers": "middle, output.3", "pag_hires": "own", "pag_hires_scale": 1.25}
+    body = ok(txt2img([values]))
+    parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][0]}))["parameters"]
+    restored = S.defaults().with_values(S.from_infotext({k: str(v) for k, v in parsed.items()}))
+    assert restored == S.defaults().with_values(values)
