@@ -15,6 +15,7 @@ tells which rows a call holds.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,30 +27,81 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class BatchLayout:
+    """Rows of one CFG step after the methods inserted their extra rows.
+
+    ``groups``: the extra row groups in insertion order, each ``(name, sources)`` where
+    ``sources[j]`` is the image (or reference) index row j of the group belongs to.  Groups sit
+    back to back between the cond and the uncond rows.
+    """
+
     n_cond: int  # cond rows before insertion
     n_images: int  # B
     first_cond: tuple[int, ...]  # per image, the row of its first cond (AND sub-prompt 0)
+    cond_image: tuple[int, ...] = ()  # per cond row, its image
+    groups: tuple[tuple[str, tuple[int, ...]], ...] = (("pag", ()),)
+
+    @property
+    def n_extra(self) -> int:
+        return sum(len(src) for _, src in self.groups)
+
+    def group(self, name: str) -> range:
+        """Rows of one extra group after insertion (empty when the group is absent)."""
+        row = self.n_cond
+        for g, src in self.groups:
+            if g == name:
+                return range(row, row + len(src))
+            row += len(src)
+        return range(row, row)
+
+    def sources(self, name: str) -> tuple[int, ...]:
+        return dict(self.groups).get(name, ())
+
+    def span(self, names: Sequence[str]) -> range:
+        """The rows of consecutive groups ``names`` (which must be adjacent in ``groups``)."""
+        rows = [self.group(n) for n in names if len(self.group(n))]
+        if not rows:
+            return range(self.n_cond, self.n_cond)
+        return range(rows[0].start, rows[-1].stop)
 
     @property
     def extra(self) -> range:
-        """Rows of the perturbed copies after insertion."""
-        return range(self.n_cond, self.n_cond + self.n_images)
+        """All inserted rows."""
+        return range(self.n_cond, self.n_cond + self.n_extra)
+
+    @property
+    def uncond(self) -> range:
+        start = self.n_cond + self.n_extra
+        return range(start, start + self.n_images)
 
     @property
     def total(self) -> int:
         """Rows after insertion (cond + extra + uncond)."""
-        return self.n_cond + 2 * self.n_images
+        return self.n_cond + self.n_extra + self.n_images
+
+    def image_of_row(self, row: int) -> int | None:
+        """The image a cond or uncond row belongs to; None for extra rows."""
+        if row < self.n_cond:
+            return self.cond_image[row]
+        if row in self.uncond:
+            return row - self.uncond.start
+        return None
+
+    def with_groups(self, groups: Sequence[tuple[str, Sequence[int]]]) -> BatchLayout:
+        return dataclasses.replace(self, groups=tuple((g, tuple(src)) for g, src in groups))
 
     @classmethod
     def from_repeats(cls, repeats: Sequence[int]) -> BatchLayout:
-        """``repeats[i]`` = number of cond rows (AND sub-prompts) of image i."""
-        firsts, row = [], 0
-        for r in repeats:
+        """``repeats[i]`` = number of cond rows (AND sub-prompts) of image i.  One default group of
+        B extra rows named ``"pag"`` (a copy of each image's first cond row)."""
+        firsts, images, row = [], [], 0
+        for i, r in enumerate(repeats):
             if r < 1:
                 raise ValueError("every image needs at least one cond row")
             firsts.append(row)
+            images += [i] * r
             row += r
-        return cls(row, len(repeats), tuple(firsts))
+        n = len(repeats)
+        return cls(row, n, tuple(firsts), tuple(images), (("pag", tuple(range(n))),))
 
 
 def take_rows(t: Any, rows: Sequence[int]) -> Any:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from lib_attn.layers import LayerKey, LayerSelectorError, keys_from_module_names
+from lib_attn.methods import colorize
+from lib_attn.methods.colorize import ColorizePlan
 from lib_attn.methods.pag import PagPlan
 from lib_attn.registry import PatchSet
 from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
@@ -31,17 +33,29 @@ class PassPlan:
 
     is_hr_pass: bool
     pag: PagPlan | None
+    colorize: ColorizePlan | None = None
 
     @property
     def any(self) -> bool:
-        return self.pag is not None
+        return self.pag is not None or self.colorize is not None
 
 
 def layer_keys(unet: nn.Module) -> list[LayerKey]:
     return keys_from_module_names(name for name, _ in unet.named_modules())
 
 
-def plan_pass(settings: Settings, is_hr_pass: bool, available: Iterable[LayerKey]) -> PassPlan:
+def layer_widths(unet: nn.Module, keys: Iterable[LayerKey]) -> dict[LayerKey, int]:
+    """Channel width of each attention layer (the input width of its ``to_q``; 0 when unknown)."""
+    out = {}
+    for k in keys:
+        to_q = getattr(unet.get_submodule(k.module_path), "to_q", None)
+        out[k] = int(getattr(to_q, "in_features", 0) or 0)
+    return out
+
+
+def plan_pass(
+    settings: Settings, is_hr_pass: bool, available: Iterable[LayerKey], widths: dict[LayerKey, int] | None = None
+) -> PassPlan:
     """Build the plan for a pass; a bad layer selector raises a SettingsError naming the field."""
     available = list(available)
     pag_settings = settings.pag.for_pass(is_hr_pass)
@@ -49,7 +63,24 @@ def plan_pass(settings: Settings, is_hr_pass: bool, available: Iterable[LayerKey
         pag = PagPlan.build(pag_settings, available)
     except LayerSelectorError as e:
         raise FIELD_BY_KEY["pag_layers"].error(str(e)) from None
-    return PassPlan(is_hr_pass, pag)
+    col = None
+    c = settings.colorize
+    if c.enabled and not is_hr_pass:
+        try:
+            col = colorize.build_plan(
+                guidance_scale=c.guidance,
+                strength=c.strength,
+                start=c.start,
+                end=c.end,
+                selector=c.layers,
+                available=available,
+                widths=widths or dict.fromkeys(available, 0),
+                fine=colorize.LayerParams(c.gamma_fine, c.beta_fine),
+                coarse=colorize.LayerParams(c.gamma_coarse, c.beta_coarse),
+            )
+        except LayerSelectorError as e:
+            raise FIELD_BY_KEY["colorize_layers"].error(str(e)) from None
+    return PassPlan(is_hr_pass, pag, col)
 
 
 class Session:
@@ -86,7 +117,7 @@ def check_settings_against(unet: nn.Module, settings: Settings) -> None:
     available = layer_keys(unet)
     if not available:
         raise SettingsError("model", "Model", "this model has no UNet attention layers the toolkit can hook")
-    plan_pass(settings, False, available)
+    plan_pass(settings, False, available, layer_widths(unet, available))
     plan_pass(settings, True, available)
 
 

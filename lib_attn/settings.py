@@ -80,10 +80,23 @@ class Field:
             return "True" if value else "False"
         if self.kind == "float":
             return f"{value:g}"
+        if self.kind == "image":
+            return image_digest(value)
         return str(value)
 
     def error(self, message: str) -> SettingsError:
         return SettingsError(self.api_name, self.label, message)
+
+
+def image_digest(images: Any) -> str:
+    """Short content hash of the images (what infotext records of a reference image)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for img in images or ():
+        h.update(repr((img.mode, img.size)).encode())
+        h.update(img.tobytes())
+    return h.hexdigest()[:10] if images else ""
 
 
 def _parse_bool(f: Field, v: Any) -> bool:
@@ -134,7 +147,28 @@ def _parse_choice(f: Field, v: Any) -> str:
     return s
 
 
+def _parse_image(f: Field, v: Any) -> tuple:
+    """A tuple of RGB PIL images (one for all images of a batch, or one per image); () when empty."""
+    from lib_attn.images import load_image  # PIL / numpy only when an image is given
+
+    if v is None:
+        return ()
+    items = list(v) if isinstance(v, (list, tuple)) else [v]
+    out = []
+    for i, item in enumerate(items):
+        try:
+            img = load_image(f, item)
+        except SettingsError as e:
+            if len(items) > 1:
+                raise f.error(f"image {i}: {str(e).split(': ', 2)[-1]}") from None
+            raise
+        if img is not None:
+            out.append(img)
+    return tuple(out)
+
+
 _PARSERS = {
+    "image": _parse_image,
     "bool": _parse_bool,
     "float": _parse_number,
     "int": _parse_int,
@@ -235,7 +269,162 @@ FIELDS: tuple[Field, ...] = (
         0.1,
         help="PAG scale used in the hires-fix pass when 'Hires pass' is 'own'.",
     ),
+    # ---- reference colorization (img2img) ----
+    Field(
+        "colorize",
+        "enabled",
+        "Enable reference colorization",
+        "Colorize",
+        "bool",
+        False,
+        help="img2img: the init image (turned to grayscale) takes its colours from the colour reference through "
+        "the UNet's self-attention; the output keeps the init image's lightness exactly.",
+    ),
+    Field(
+        "colorize",
+        "reference",
+        "Colour reference",
+        "Colorize reference",
+        "image",
+        (),
+        help="The image whose colours are transferred. API: base64 PNG/JPEG or a data URL, or a list with one "
+        "per image of the batch.",
+    ),
+    Field(
+        "colorize",
+        "strength",
+        "Transfer strength",
+        "Colorize strength",
+        "float",
+        1.0,
+        0.0,
+        1.0,
+        0.05,
+        help="Share of the transferred attention output in the chosen layers (1 = the paper's full transfer, "
+        "0 = plain attention).",
+    ),
+    Field(
+        "colorize",
+        "guidance",
+        "Colorization guidance",
+        "Colorize guidance",
+        "float",
+        10.0,
+        1.0,
+        30.0,
+        0.5,
+        help="w in plain + w*(transferred - plain), the paper's classifier-free colorization guidance (10). "
+        "1 = plain transfer, and saves the extra rows.",
+    ),
+    Field(
+        "colorize",
+        "start",
+        "Start (fraction of steps)",
+        "Colorize start",
+        "float",
+        0.0,
+        0.0,
+        1.0,
+        0.01,
+        help="Colour transfer acts from this fraction of the sampling steps...",
+    ),
+    Field(
+        "colorize",
+        "end",
+        "End (fraction of steps)",
+        "Colorize end",
+        "float",
+        1.0,
+        0.0,
+        1.0,
+        0.01,
+        help="...up to this fraction of the sampling steps (inclusive).",
+    ),
+    Field(
+        "colorize",
+        "layers",
+        "Layers",
+        "Colorize layers",
+        "str",
+        "auto",
+        help="Self-attention layers that take the reference colours: auto (the paper's decoder layers: SD1/SD2 "
+        "output.6-11, SDXL output.3-5) or selectors such as output.9, output.10.0.",
+    ),
+    Field(
+        "colorize",
+        "gamma_fine",
+        "Gray matching, finest layers (γ1)",
+        "Colorize gamma1",
+        "float",
+        0.5,
+        0.0,
+        1.0,
+        0.05,
+        help="Weight of the gray-to-gray match against the colour-to-colour match in the highest-resolution "
+        "chosen layers (paper: 0.5).",
+    ),
+    Field(
+        "colorize",
+        "beta_fine",
+        "Keep input attention, finest layers (β1)",
+        "Colorize beta1",
+        "float",
+        0.5,
+        0.0,
+        1.0,
+        0.05,
+        help="Share of the input's own self-attention kept in the highest-resolution chosen layers (paper: 0.5).",
+    ),
+    Field(
+        "colorize",
+        "gamma_coarse",
+        "Gray matching, other layers (γ2)",
+        "Colorize gamma2",
+        "float",
+        1.0,
+        0.0,
+        1.0,
+        0.05,
+        help="The same weight in the other chosen layers (paper: 1).",
+    ),
+    Field(
+        "colorize",
+        "beta_coarse",
+        "Keep input attention, other layers (β2)",
+        "Colorize beta2",
+        "float",
+        0.0,
+        0.0,
+        1.0,
+        0.05,
+        help="The same share in the other chosen layers (paper: 0).",
+    ),
+    Field(
+        "colorize",
+        "adain",
+        "Start from reference statistics (AdaIN)",
+        "Colorize AdaIN",
+        "bool",
+        True,
+        help="Match the start latent's per-channel mean and std to the reference's, as the paper does.",
+    ),
+    Field(
+        "colorize",
+        "match_colors",
+        "Match reference colour statistics",
+        "Colorize match colors",
+        "bool",
+        True,
+        help="Match the output's a/b mean and std to the reference's before the init image's lightness is put "
+        "back (the paper's post-processing).",
+    ),
 )
+
+SECTION_TITLES: dict[str, str] = {
+    "pag": "PAG — Perturbed-Attention Guidance",
+    "colorize": "Reference colorization",
+}
+SECTION_TABS: dict[str, tuple[str, ...]] = {"colorize": ("img2img",)}  # sections absent from some tabs
 
 FIELD_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
 FIELD_BY_API: dict[str, Field] = {f.api_name: f for f in FIELDS}
@@ -266,16 +455,38 @@ class PagSettings:
         return dataclasses.replace(self, scale=self.hires_scale)
 
 
-_SECTION_CLASSES = {"pag": PagSettings}
+@dataclass(frozen=True)
+class ColorizeSettings:
+    enabled: bool = False
+    reference: tuple = ()  # RGB PIL images
+    strength: float = 1.0
+    guidance: float = 10.0
+    start: float = 0.0
+    end: float = 1.0
+    layers: str = "auto"
+    gamma_fine: float = 0.5
+    beta_fine: float = 0.5
+    gamma_coarse: float = 1.0
+    beta_coarse: float = 0.0
+    adain: bool = True
+    match_colors: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.enabled
+
+
+_SECTION_CLASSES = {"pag": PagSettings, "colorize": ColorizeSettings}
 
 
 @dataclass(frozen=True)
 class Settings:
     pag: PagSettings = dataclasses.field(default_factory=PagSettings)
+    colorize: ColorizeSettings = dataclasses.field(default_factory=ColorizeSettings)
 
     @property
     def any_active(self) -> bool:
-        return self.pag.active
+        return self.pag.active or self.colorize.active
 
     # ---- conversions -------------------------------------------------------------------
     def values(self) -> dict[str, Any]:
@@ -316,8 +527,10 @@ def _build(flat: Mapping[str, Any]) -> Settings:
 
 
 def _check_section(section: str, obj: Any) -> None:
-    if section == "pag" and obj.start > obj.end:
-        raise FIELD_BY_KEY["pag_end"].error(f"end ({obj.end:g}) must not be below start ({obj.start:g})")
+    if hasattr(obj, "start") and obj.start > obj.end:
+        raise FIELD_BY_KEY[f"{section}_end"].error(f"end ({obj.end:g}) must not be below start ({obj.start:g})")
+    if section == "colorize" and obj.enabled and not obj.reference:
+        raise FIELD_BY_KEY["colorize_reference"].error("reference colorization is on but no colour reference was given")
 
 
 def _lookup(name: str) -> Field:
@@ -377,7 +590,8 @@ def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in FIELDS:
         if f.infotext in params and f.name != "enabled":
-            out[f.key] = f.parse(params[f.infotext])
+            if f.kind != "image":  # infotext holds only a digest of an image; the control keeps its upload
+                out[f.key] = f.parse(params[f.infotext])
             out[f"{f.section}_enabled"] = True
     return out
 

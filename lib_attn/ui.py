@@ -186,13 +186,15 @@ def _visibilities(*values: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------------------------
-def _build_section(section: str, elem_id: Callable[[str], str], by_key: dict[str, Any]) -> SectionParts:
+def _build_section(
+    section: str, elem_id: Callable[[str], str], by_key: dict[str, Any], visible: bool = True
+) -> SectionParts:
     fields = list(S.fields_of(section))
     enabled_field = next((f for f in fields if f.name == "enabled" and f.kind == "bool"), None)
     rest = [f for f in fields if f is not enabled_field]
     title = section_title(section)
     enabled = None
-    with gr.Group(elem_id=elem_id(f"{section}_section"), elem_classes=[f"{CSS_ROOT}-section"]):
+    with gr.Group(elem_id=elem_id(f"{section}_section"), elem_classes=[f"{CSS_ROOT}-section"], visible=visible):
         gr.HTML(
             f'<div class="{CSS_ROOT}-section-title">{html.escape(title)}</div>',
             elem_classes=[f"{CSS_ROOT}-section-head"],
@@ -219,16 +221,19 @@ def _build_section(section: str, elem_id: Callable[[str], str], by_key: dict[str
 def build(is_img2img: bool, elem_id: Callable[[str], str]) -> UiParts:
     """Create the controls inside the current gradio context.
 
-    ``elem_id`` is the script's ``Script.elem_id`` (it makes the ids unique per tab).  ``is_img2img`` is part of
-    the signature for methods that will differ per tab; today both tabs get the same controls.
+    ``elem_id`` is the script's ``Script.elem_id`` (it makes the ids unique per tab).  Sections that
+    ``settings.SECTION_TABS`` limits to other tabs are built hidden (their controls are still positional args).
     """
     by_key: dict[str, Any] = {}
     sections: dict[str, SectionParts] = {}
     help_by_id: dict[str, str] = {elem_id(f.key): f.help for f in S.FIELDS}
 
     with gr.Accordion(S.TITLE, open=False, elem_id=elem_id("accordion"), elem_classes=[CSS_ROOT]):
+        tab = "img2img" if is_img2img else "txt2img"
         for section in S.SECTIONS:
-            sections[section] = _build_section(section, elem_id, by_key)
+            # a section absent from this tab still makes its controls (they are positional args), hidden
+            shown = tab in getattr(S, "SECTION_TABS", {}).get(section, (tab,))
+            sections[section] = _build_section(section, elem_id, by_key, visible=shown)
 
         # Clicked by the JS once the page has loaded: re-derives every body's visibility from its checkbox
         # (a checkbox default changed in ui-config.json would otherwise start with its body hidden).

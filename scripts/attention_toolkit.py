@@ -31,6 +31,9 @@ class AttentionToolkitScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         host.before_every_sampling(p)
 
+    def postprocess_image(self, p, pp, *args):
+        host.postprocess_image(p, pp)
+
     def postprocess(self, p, processed, *args):
         host.postprocess(p)
 

@@ -73,11 +73,36 @@ def test_infotext_pastes_back_every_field(host):
     for component, target in script.infotext_fields:
         value = target(params) if callable(target) else params.get(target)
         pasted[component.elem_id] = value
-    values = [pasted[c.elem_id] for c in script.controls]
+    # controls without an infotext entry (an uploaded image) keep what they hold; here, their default
+    keep = {c.elem_id: f.default for c, f in zip(script.controls, S.FIELDS, strict=True)}
+    values = [pasted.get(c.elem_id, keep[c.elem_id]) for c in script.controls]
     assert S.from_args(values) == S.defaults().with_values(CUSTOM)
     # an infotext without our keys resets every control to its default (PAG off)
     empty = {c.elem_id: t({"Steps": "20"}) for c, t in script.infotext_fields}
-    assert S.from_args([empty[c.elem_id] for c in script.controls]) == S.defaults()
+    assert S.from_args([empty.get(c.elem_id, keep[c.elem_id]) for c in script.controls]) == S.defaults()
+
+
+def test_colorize_infotext_pastes_back_in_img2img(host):
+    from PIL import Image
+
+    ref = Image.new("RGB", (32, 32), (200, 40, 10))
+    custom = {"colorize_enabled": True, "colorize_reference": ref, "colorize_strength": 0.8,
+              "colorize_guidance": 4.0, "colorize_start": 0.1, "colorize_end": 0.9,
+              "colorize_layers": "output.3, output.11", "colorize_gamma_fine": 0.3, "colorize_beta_fine": 0.2,
+              "colorize_gamma_coarse": 0.9, "colorize_beta_coarse": 0.1, "colorize_adain": False,
+              "colorize_match_colors": False}
+    settings = S.defaults().with_values(custom)
+    init = Image.new("RGB", (96, 80), (120, 120, 120))
+    out = host.img2img(**BASE, init_images=[init], script_args=settings.to_args())
+    params = host.modules.infotext_utils.parse_generation_parameters(out.infotexts[0])
+    assert params["Colorize reference"] == S.image_digest((ref,))
+    script = host.script(True)
+    pasted = {c.elem_id: t(params) for c, t in script.infotext_fields}
+    # the reference image control keeps its upload (infotext only records its digest)
+    keep = {c.elem_id: (ref if f.kind == "image" else f.default) for c, f in zip(script.controls, S.FIELDS,
+                                                                                    strict=True)}
+    values = [pasted.get(c.elem_id, keep[c.elem_id]) for c in script.controls]
+    assert S.from_args(values) == settings
 
 
 def test_xyz_axes_cover_every_field_and_switch_the_method_on(host):
@@ -86,7 +111,7 @@ def test_xyz_axes_cover_every_field_and_switch_the_method_on(host):
     AxisOption = namedtuple("AxisOption", ["label", "type", "apply", "choices"], defaults=[None])
     fake = type("Xyz", (), {"AxisOption": AxisOption, "axis_options": []})
     axes = xyz.axis_options(fake)
-    assert [a.label for a in axes] == [S.XYZ_PREFIX + f.infotext for f in S.FIELDS]
+    assert [a.label for a in axes] == [S.XYZ_PREFIX + f.infotext for f in S.FIELDS if f.kind != "image"]
     assert axes[[a.label for a in axes].index("[Attention] PAG hires")].choices() == ["same", "own", "off"]
 
     p = host.modules.processing.StableDiffusionProcessingTxt2Img(**BASE)

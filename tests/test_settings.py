@@ -18,6 +18,25 @@ EXAMPLE = {
     "pag_hires": "own",
     "pag_hires_scale": 1.5,
 }
+from PIL import Image  # noqa: E402
+
+REF = Image.new("RGB", (16, 16), (200, 30, 10))
+EXAMPLE_ALL = {
+    **EXAMPLE,
+    "colorize_enabled": True,
+    "colorize_reference": (REF,),
+    "colorize_strength": 0.7,
+    "colorize_guidance": 5.5,
+    "colorize_start": 0.2,
+    "colorize_end": 0.9,
+    "colorize_layers": "output.9",
+    "colorize_gamma_fine": 0.4,
+    "colorize_beta_fine": 0.3,
+    "colorize_gamma_coarse": 0.8,
+    "colorize_beta_coarse": 0.1,
+    "colorize_adain": False,
+    "colorize_match_colors": False,
+}
 
 
 def test_table_matches_dataclasses():
@@ -39,9 +58,9 @@ def test_defaults_are_off():
 
 
 def test_positional_round_trip():
-    s = S.defaults().with_values(EXAMPLE)
+    s = S.defaults().with_values(EXAMPLE_ALL)
     assert S.from_args(s.to_args()) == s
-    assert s.values() == EXAMPLE
+    assert s.values() == EXAMPLE_ALL
 
 
 def test_named_form_nested_and_flat():
@@ -63,13 +82,16 @@ def test_named_section_enables_unless_told():
 
 
 def test_infotext_round_trip():
-    s = S.defaults().with_values(EXAMPLE)
+    s = S.defaults().with_values(EXAMPLE_ALL)
     text = s.to_infotext()
     assert set(text) == {f.infotext for f in S.FIELDS if f.name != "enabled"}
-    back = S.defaults().with_values(S.from_infotext(text))
+    assert text["Colorize reference"] == S.image_digest((REF,))  # an image is recorded by its digest
+    # the reference image control keeps its upload when infotext is pasted
+    back = S.defaults().with_values({**S.from_infotext(text), "colorize_reference": (REF,)})
     assert back == s
     for f in S.FIELDS:
-        assert S.infotext_value(f, text) == EXAMPLE[f.key]
+        if f.kind != "image":
+            assert S.infotext_value(f, text) == EXAMPLE_ALL[f.key]
         assert S.infotext_value(f, {}) == f.default
 
 

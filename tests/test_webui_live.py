@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import os
+import pathlib
 import urllib.error
 import urllib.request
 
@@ -194,3 +195,32 @@ def test_infotext_parses_back_through_the_webui():
     parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][0]}))["parameters"]
     restored = S.defaults().with_values(S.from_infotext({k: str(v) for k, v in parsed.items()}))
     assert restored == S.defaults().with_values(values)
+
+
+def _photo(name: str, size: tuple[int, int] | None = None) -> Image.Image:
+    import gradio
+
+    img = Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / name).convert("RGB")
+    return img.resize(size) if size else img
+
+
+def test_reference_colorization_in_img2img():
+    from lib_attn import color
+
+    src = _photo("cheetah1.jpg", (SIZE + 40, SIZE + 24))  # not the generation size: the output takes its size
+    payload = {**BASE, "init_images": [encode(src)], "denoising_strength": 0.5,
+               "alwayson_scripts": {TITLE: {"args": [{"colorize": {"reference": "data:image/png;base64,"
+                                                                                + encode(_photo("lion.jpg"))}}]}}}
+    body = ok(call("/sdapi/v1/img2img", payload))
+    out = Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).convert("RGB")
+    assert out.size == src.size
+    lab_in, lab_out = (color.rgb_to_lab(color.pil_to_tensor(im)).numpy() for im in (src, out))
+    mse = float(np.mean((lab_in[0] - lab_out[0]) ** 2))
+    assert 10 * np.log10(100.0**2 / max(mse, 1e-12)) >= 45.0  # the input's lightness is kept
+    assert np.abs(lab_out[1:]).mean() > 1.0  # and it has colour
+    assert "Colorize guidance: 10" in infotext(body)
+    bad = {**payload, "alwayson_scripts": {TITLE: {"args": [{"colorize": {"reference": "not base64!"}}]}}}
+    status, err = call("/sdapi/v1/img2img", bad)
+    assert status >= 400 and "(colorize.reference)" in json.dumps(err)
+    status, err = txt2img([{"colorize": {"reference": encode(_photo("lion.jpg"))}}])
+    assert status >= 400 and "works in img2img" in json.dumps(err)

@@ -57,13 +57,28 @@ def process(p: Any, args: tuple) -> None:
         return
     if not settings.any_active:
         return  # off: nothing is installed, output is the WebUI's own
+    try:
+        adapter().begin(p, settings)
+    except S.SettingsError as e:
+        log.error("[Attention Toolkit] %s", e)
+        sessions.attach(p, sessions.FailedSession(e))
+        return
     p.extra_generation_params.update(settings.to_infotext())
-    adapter().begin(p, settings)
 
 
 def before_every_sampling(p: Any) -> None:
     if sessions.get(p) is not None:
         adapter().before_every_sampling(p)
+
+
+def postprocess_image(p: Any, pp: Any) -> None:
+    """``Script.postprocess_image``: methods that finish each image (colorization puts the lightness back)."""
+    session = sessions.get(p)
+    inputs = getattr(session, "colorize", None)
+    if inputs is None or getattr(pp, "image", None) is None:
+        return
+    index = int(getattr(pp, "index", getattr(p, "batch_index", 0)) or 0)
+    pp.image = inputs.finish(index, pp.image)
 
 
 def postprocess(p: Any) -> None:

@@ -20,6 +20,7 @@ and perturbed outputs, and ``on_cfg_after_cfg`` adds ``s * (cond - perturbed)``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,10 +33,12 @@ from torch import nn
 from lib_attn import batch as batchmod
 from lib_attn.batch import BatchLayout
 from lib_attn.guidance import pag_delta
+from lib_attn.host import colorize_io
+from lib_attn.methods import colorize as col
 from lib_attn.methods.pag import identity_attention
 from lib_attn.registry import clean_leftovers
-from lib_attn.session import Session, attach, check_settings_against, layer_keys, plan_pass
-from lib_attn.settings import Settings, SettingsError
+from lib_attn.session import Session, attach, check_settings_against, layer_keys, layer_widths, plan_pass
+from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
 
@@ -51,13 +54,19 @@ def current_unet(denoiser: Any = None) -> nn.Module | None:
     return unet_of(inner) or unet_of(shared.sd_model)
 
 
+CAPTURE_GROUPS = ("col_in", "col_ref", "col_refg")
+
+
 @dataclass
 class _Step:
     layout: BatchLayout
-    scale: float
+    scale: float  # PAG scale at this step (0: no PAG rows)
     denoiser: Any
+    colorize: bool = False  # colour transfer acts at this step
     cond_out: torch.Tensor | None = None
     pert_out: torch.Tensor | None = None
+    plain_out: torch.Tensor | None = None
+    feats: dict = dataclasses.field(default_factory=dict)  # colorize: layer path -> {stream: (rows, N, C)}
 
 
 def _like(orig: Any, new: Mapping) -> Any:
@@ -82,6 +91,8 @@ class A1111Session(Session):
         self._step: _Step | None = None
         self._cursor = 0
         self._call: tuple[int, int] | None = None
+        self._prepass: BatchLayout | None = None  # colorize capture call in progress
+        self.colorize = colorize_io.ColorizeInputs.prepare(p, settings) if settings.colorize.enabled else None
 
     # ---- lifetime -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -91,6 +102,8 @@ class A1111Session(Session):
         if unet is not None:
             clean_leftovers(unet)
             check_settings_against(unet, self.settings)
+        if self.colorize is not None:
+            self.colorize.encode(self.p, _encode)
         callbacks = (
             (script_callbacks.on_cfg_denoiser, self.on_cfg_denoiser),
             (script_callbacks.on_cfg_denoised, self.on_cfg_denoised),
@@ -123,14 +136,19 @@ class A1111Session(Session):
         if unet is None:
             self.fail(SettingsError("model", "Model", "could not find the UNet of the loaded model"))
             return
+        keys = layer_keys(unet)
         try:
-            self.plan = plan_pass(self.settings, is_hr, layer_keys(unet))
+            self.plan = plan_pass(self.settings, is_hr, keys, layer_widths(unet, keys))
         except SettingsError as e:
             self.fail(e)
             return
+        if self.plan.colorize is not None:
+            for key_, lp in zip(self.plan.colorize.layers, self.plan.colorize.params, strict=True):
+                self.patches.wrap_forward(unet.get_submodule(key_.module_path), self._colorize_attn1(key_, lp))
         if self.plan.pag is not None:
             for key_ in self.plan.pag.layers:
                 self.patches.wrap_forward(unet.get_submodule(key_.module_path), self._attn1)
+        if self.plan.any:
             self.patches.add_handle(unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
 
     # ---- CFG callbacks ----------------------------------------------------------------------
@@ -139,27 +157,55 @@ class A1111Session(Session):
         den = params.denoiser
         self._ensure_pass(den)
         self.step, self.total_steps = params.sampling_step, params.total_sampling_steps
-        plan = self.plan.pag if self.plan else None
-        if plan is None:
+        plan = self.plan
+        if plan is None or not plan.any:
             return
-        scale = plan.scale_at(params.sampling_step, params.total_sampling_steps, self._timestep(den, params.sigma))
-        if scale <= 0:
+        pag_scale = 0.0
+        if plan.pag is not None:
+            pag_scale = plan.pag.scale_at(self.step, self.total_steps, self._timestep(den, params.sigma))
+        colorize = plan.colorize is not None and plan.colorize.active_at(self.step, self.total_steps)
+        if pag_scale <= 0 and not colorize:
             return
         try:
             layout = self._layout(params, den)
         except SettingsError as e:
             self.fail(e)
             return
-        first, at = layout.first_cond, layout.n_cond
-        params.x = batchmod.insert_rows(params.x, at, params.x[list(first)])
-        params.sigma = batchmod.insert_rows(params.sigma, at, params.sigma[list(first)])
-        if isinstance(params.image_cond, torch.Tensor) and _rows(params.image_cond) == layout.n_cond + layout.n_images:
-            params.image_cond = batchmod.insert_rows(params.image_cond, at, params.image_cond[list(first)])
+        first = list(layout.first_cond)
+        groups: list[tuple[str, list[int], dict]] = []  # name, sources, row tensors
+        if pag_scale > 0:
+            groups.append(("pag", list(range(layout.n_images)), {}))
+        capture: list[tuple[str, list[int], dict]] = []
+        if colorize:
+            if plan.colorize.needs_plain_rows:
+                groups.append(("col_plain", list(range(layout.n_images)), {}))
+            capture = self._capture_rows(params, layout, den)
+            if self._in_batch(params):
+                groups += capture
+                capture = []
+        rows_x, rows_sigma, rows_ic, rows_tc = [], [], [], []
+        ic = params.image_cond
+        has_ic = isinstance(ic, torch.Tensor) and _rows(ic) == layout.n_cond + layout.n_images
+        for _name, src, given in groups:
+            at = [first[i] for i in src]
+            rows_x.append(given.get("x", params.x[at]))
+            rows_sigma.append(given.get("sigma", params.sigma[at]))
+            if has_ic:
+                rows_ic.append(given.get("image_cond", ic[at]))
+            rows_tc.append(given.get("text", batchmod.take_rows(params.text_cond, at)))
+        layout = layout.with_groups([(name, src) for name, src, _ in groups])
+        at = layout.n_cond
+        params.x = batchmod.insert_rows(params.x, at, torch.cat(rows_x))
+        params.sigma = batchmod.insert_rows(params.sigma, at, torch.cat(rows_sigma))
+        if has_ic:
+            params.image_cond = batchmod.insert_rows(ic, at, torch.cat(rows_ic))
         tc = params.text_cond
-        new_tc = batchmod.insert_rows(tc, at, batchmod.take_rows(tc, first))
+        new_tc = batchmod.insert_rows(tc, at, _cat_conds(rows_tc))
         params.text_cond = _like(tc, new_tc) if isinstance(tc, Mapping) else new_tc
-        self._step = _Step(layout, scale, den)
+        self._step = _Step(layout, pag_scale, den, colorize)
         self._cursor = 0
+        if capture:
+            self._run_prepass(den, capture, params.text_uncond)
 
     def on_cfg_denoised(self, params: Any) -> None:
         st = self._step
@@ -167,14 +213,24 @@ class A1111Session(Session):
             return
         x_out = params.x
         st.cond_out = x_out[list(st.layout.first_cond)].clone()
-        st.pert_out = x_out[st.layout.extra.start : st.layout.extra.stop].clone()
+        pag, plain = st.layout.group("pag"), st.layout.group("col_plain")
+        if len(pag):
+            st.pert_out = x_out[pag.start : pag.stop].clone()
+        if len(plain):
+            st.plain_out = x_out[plain.start : plain.stop].clone()
 
     def on_cfg_after_cfg(self, params: Any) -> None:
         st, self._step = self._step, None
         self._call = None
         if st is None or st.cond_out is None:
             return
-        delta = pag_delta(st.cond_out, st.pert_out, st.scale)
+        delta = torch.zeros_like(st.cond_out)
+        if st.pert_out is not None:
+            delta = delta + pag_delta(st.cond_out, st.pert_out, st.scale)
+        if st.plain_out is not None:
+            # colorization guidance: plain + w*(transferred - plain) in place of the transferred cond
+            w = self.plan.colorize.guidance
+            delta = delta + col.colorization_guidance(st.plain_out, st.cond_out, w) - st.cond_out
         den = st.denoiser
         nmask = getattr(den, "nmask", None)
         if (
@@ -184,6 +240,125 @@ class A1111Session(Session):
         ):
             delta = delta * nmask  # keep the inpainting blend: no change where the original is kept
         params.x = params.x + delta.to(params.x.dtype)
+
+    # ---- colorization ---------------------------------------------------------------------
+    def _in_batch(self, params: Any) -> bool:
+        """Whether A1111 will run all rows of this step in one model call (capture rows can ride along)."""
+        if not getattr(shared.opts, "batch_cond_uncond", True):
+            return False
+        tc, uc = params.text_cond, params.text_uncond
+        if isinstance(tc, Mapping):
+            tc, uc = tc.get("crossattn"), uc.get("crossattn") if isinstance(uc, Mapping) else None
+        if tc is None or uc is None:
+            return False
+        return tc.shape[1] == uc.shape[1] or bool(getattr(shared.opts, "pad_cond_uncond", False))
+
+    def _capture_rows(self, params: Any, layout: BatchLayout, den: Any) -> list[tuple[str, list[int], dict]]:
+        """The capture streams at this step: input (gray), colour reference, gray reference, noised to
+        the current level with fixed per-generation noise.  Each row borrows sigma, text and image
+        conditioning from the first cond row of an image that uses it."""
+        ci = self.colorize
+        first = list(layout.first_cond)
+        ref_of = ci.ref_index(layout.n_images)
+        ic = params.image_cond
+        has_ic = isinstance(ic, torch.Tensor) and _rows(ic) == layout.n_cond + layout.n_images
+        images = list(range(layout.n_images))
+        refs = sorted(set(ref_of))
+        out = []
+        for name, z, noise, src, owner in (
+            ("col_in", ci.z_in, ci.noise_in, images, images),
+            ("col_ref", ci.z_ref, ci.noise_ref, refs, [ref_of.index(r) for r in refs]),
+            ("col_refg", ci.z_refg, ci.noise_ref, refs, [ref_of.index(r) for r in refs]),
+        ):
+            at = [first[i] for i in owner]
+            sigma = params.sigma[at]
+            given = {
+                "x": _noised(den, z[src].to(params.x), noise[src].to(params.x), sigma),
+                "sigma": sigma,
+                "text": batchmod.take_rows(params.text_cond, at),
+            }
+            if has_ic:
+                given["image_cond"] = ic[at]
+            out.append((name, src, given))
+        return out
+
+    def _run_prepass(self, den: Any, capture: list, text_uncond: Any) -> None:
+        """One extra model call on the capture rows when the step's rows are not run in one call."""
+        layout = BatchLayout(0, 0, (), (), tuple((name, tuple(src)) for name, src, _ in capture))
+        x = torch.cat([g["x"] for _, _, g in capture])
+        sigma = torch.cat([g["sigma"] for _, _, g in capture])
+        text = _cat_conds([g["text"] for _, _, g in capture])
+        ics = [g.get("image_cond") for _, _, g in capture]
+        cond = _condition(text, torch.cat(ics) if all(i is not None for i in ics) else None, text_uncond, x)
+        saved = self._cursor
+        self._prepass, self._cursor = layout, 0
+        try:
+            den.inner_model(x, sigma, cond=cond)
+        finally:
+            self._prepass, self._cursor, self._call = None, saved, None
+
+    def _colorize_attn1(self, key: Any, lp: col.LayerParams) -> Any:
+        path = key.module_path
+
+        def attn1(module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+            st, call = self._step, self._call
+            if st is None or call is None or not st.colorize:
+                return call_next(*args, **kwargs)
+            x = args[0]
+            n = _rows(x)
+            layout = self._prepass or st.layout
+            if n != call[1]:
+                self.fail(
+                    FIELD_BY_KEY["colorize_enabled"].error(
+                        "the attention rows do not match the model call (Hypertile?); switch Hypertile off"
+                    )
+                )
+                return call_next(*args, **kwargs)
+            store = st.feats.setdefault(path, {})
+            for name in CAPTURE_GROUPS:
+                span = batchmod.local_span(layout.group(name), call[0], call[1], n)
+                if span is not None:
+                    q, k, v = col.capture(module, x[span[0] : span[1]])
+                    src = layout.sources(name)[span[0] + call[0] - layout.group(name).start :][: span[1] - span[0]]
+                    store.setdefault(name, {}).update({s: (q[j], k[j], v[j]) for j, s in enumerate(src)})
+            if self._prepass is not None:
+                return call_next(*args, **kwargs)
+            # transferred rows: cond, PAG and uncond rows; the plain and capture rows keep plain attention
+            owners = [self._owner(layout, call[0] + j) for j in range(n)]
+            rows = [j for j, i in enumerate(owners) if i is not None]
+            if not rows:
+                return call_next(*args, **kwargs)
+            out = call_next(*args, **kwargs)
+            try:
+                feats = self._features(store, layout, [owners[j] for j in rows])
+            except KeyError:
+                self.fail(RuntimeError("Attention Toolkit: colorization features missing at " + path))
+                return out
+            moved = col.transfer(module, x[rows], feats, lp).to(out.dtype)
+            s = self.plan.colorize.strength
+            out = out.clone()
+            out[rows] = moved if s >= 1 else moved * s + out[rows] * (1 - s)
+            return out
+
+        return attn1
+
+    @staticmethod
+    def _owner(layout: BatchLayout, row: int) -> int | None:
+        """The image whose colours a row takes: cond, uncond and PAG rows; None for plain and capture rows."""
+        i = layout.image_of_row(row)
+        pag = layout.group("pag")
+        if i is None and row in pag:
+            i = layout.sources("pag")[row - pag.start]
+        return i
+
+    def _features(self, store: dict, layout: BatchLayout, owners: list[int]) -> col.Features:
+        ref_of = self.colorize.ref_index(layout.n_images)
+        q_in = torch.stack([store["col_in"][i][0] for i in owners])
+        k_in = torch.stack([store["col_in"][i][1] for i in owners])
+        k_refg = torch.stack([store["col_refg"][ref_of[i]][1] for i in owners])
+        k_ref = torch.stack([store["col_ref"][ref_of[i]][1] for i in owners])
+        v_ref = torch.stack([store["col_ref"][ref_of[i]][2] for i in owners])
+        return col.Features(q_in, k_in, k_refg, k_ref, v_ref)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _layout(self, params: Any, den: Any) -> BatchLayout:
@@ -214,7 +389,7 @@ class A1111Session(Session):
         return float(s[0])  # timestep samplers (DDIM/PLMS/UniPC) pass the timestep as "sigma"
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._step is None:
+        if self._step is None and self._prepass is None:
             self._call = None
             return
         x = args[0] if args else kwargs.get("x")
@@ -228,7 +403,9 @@ class A1111Session(Session):
             return call_next(*args, **kwargs)
         x = args[0]
         n = _rows(x)
-        span = batchmod.local_span(st.layout.extra, call[0], call[1], n)
+        if self._prepass is not None:
+            return call_next(*args, **kwargs)
+        span = batchmod.local_span(st.layout.group("pag"), call[0], call[1], n)
         if span is None:
             return call_next(*args, **kwargs)
         a, b = span
@@ -239,6 +416,40 @@ class A1111Session(Session):
         if b < n:
             parts.append(call_next(*_slice_args(args, n, b, n), **_slice_kwargs(kwargs, n, b, n)))
         return torch.cat(parts, dim=0)
+
+
+def _cat_conds(parts: list) -> Any:
+    if parts and isinstance(parts[0], Mapping):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def _condition(text: Any, image_cond: torch.Tensor | None, text_uncond: Any, x: torch.Tensor) -> dict:
+    """The ``cond`` dict A1111's CFG denoiser passes to the model (``make_condition_dict``)."""
+    if image_cond is None:
+        image_cond = torch.zeros(x.shape[0], 5, 1, 1, dtype=x.dtype, device=x.device)
+    if isinstance(text_uncond, Mapping):
+        return {**text, "c_concat": [image_cond]}
+    return {"c_crossattn": [text], "c_concat": [image_cond]}
+
+
+def _noised(den: Any, z: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``z`` brought to the model input of the current step: k-diffusion samplers take ``z + sigma*noise``;
+    A1111's timestep samplers (DDIM/PLMS/UniPC) pass timesteps and take ``sqrt(a)*z + sqrt(1-a)*noise``."""
+    inner = getattr(den, "inner_model", None)
+    view = (-1, 1, 1, 1)
+    if hasattr(inner, "sigma_to_t"):
+        return z + noise * sigma.view(view).to(z)
+    model = getattr(inner, "inner_model", None) or shared.sd_model
+    a = model.alphas_cumprod.to(z.device)[sigma.long()].view(view).to(z)
+    return a.sqrt() * z + (1 - a).sqrt() * noise
+
+
+def _encode(p: Any, images: torch.Tensor) -> torch.Tensor:
+    """VAE-encode images (B, 3, H, W) in [0, 1] the way the host does for img2img."""
+    from modules import sd_samplers_common
+
+    return sd_samplers_common.images_tensor_to_samples(images, None, p.sd_model)
 
 
 def _slice(v: Any, n: int, a: int, b: int) -> Any:

@@ -22,7 +22,7 @@ from modules import script_callbacks
 
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import Session, attach, check_settings_against, get, layer_keys, plan_pass
-from lib_attn.settings import Settings, SettingsError
+from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
 
@@ -139,6 +139,10 @@ def _unsupported_error(p: Any) -> SettingsError:
 
 # ---- entry points used by the Script ----------------------------------------------------------
 def begin(p: Any, settings: Settings) -> None:
+    if settings.colorize.enabled:
+        raise FIELD_BY_KEY["colorize_enabled"].error(
+            "reference colorization is not available on Forge yet (A1111 only)"
+        )
     attach(p, ForgeSession(p, settings))
 
 

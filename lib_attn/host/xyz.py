@@ -42,13 +42,20 @@ def _choices(field: S.Field):
 
 
 def axis_options(xyz: Any) -> list[Any]:
+    """One axis per field; image fields have none (an image is not a value one types in a cell), and
+    sections that exist only in img2img get img2img-only axes."""
     out = []
     for field in S.FIELDS:
+        if field.kind == "image":
+            continue
         kwargs = {}
         choices = _choices(field)
         if choices is not None:
             kwargs["choices"] = choices
-        out.append(xyz.AxisOption(S.XYZ_PREFIX + field.infotext, _axis_type(field), _apply(field), **kwargs))
+        cls = xyz.AxisOption
+        if S.SECTION_TABS.get(field.section) == ("img2img",):
+            cls = getattr(xyz, "AxisOptionImg2Img", xyz.AxisOption)
+        out.append(cls(S.XYZ_PREFIX + field.infotext, _axis_type(field), _apply(field), **kwargs))
     return out
 
 

@@ -1,12 +1,15 @@
 """Benchmarks: cost of each method against plain sampling, measured in the same run.
 
-    .venv/bin/python tests/bench/run.py pag [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
+    .venv/bin/python tests/bench/run.py pag|colorize [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
 
 ``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
 ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
 the median per-step times (wall clock, and this process's CPU time, which a busy shared machine disturbs less)
 and, as its last line, ``ratio pag_vs_cfg_step <value>`` (wall clock).  ``--size sd15`` builds a
 full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent); expect minutes.
+
+``colorize`` times whole img2img generations with reference colorization against plain img2img (same steps,
+CFG 1, interleaved) and prints ``ratio colorize_vs_img2img <value>`` last.
 """
 
 from __future__ import annotations
@@ -88,7 +91,51 @@ def bench_pag(args: argparse.Namespace) -> float:
     return ratios["wall"]
 
 
-BENCHES = {"pag": bench_pag}
+def bench_colorize(args: argparse.Namespace) -> float:
+    """Whole img2img generations (encode, sampling, decode, post-processing) with reference colorization
+    against plain img2img with the same steps, interleaved."""
+    import gradio
+    from PIL import Image
+
+    kind, size = SIZES[args.size]
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    photos = pathlib.Path(gradio.__file__).parent / "test_data"
+    init = Image.open(photos / "cheetah1.jpg").convert("L").convert("RGB").resize((size, size))
+    ref = Image.open(photos / "lion.jpg").convert("RGB")
+    with a1111_host(kind) as h:
+        h.load_script(SCRIPT)
+        off = S.defaults().to_args()
+        on = [{"colorize": {"reference": ref}}]
+        base = dict(prompt="", negative_prompt="", seed=1, steps=args.steps, cfg_scale=1.0, width=size, height=size,
+                    batch_size=args.batch, sampler_name="Euler", denoising_strength=1.0, init_images=[init])
+
+        def timed(script_args):
+            t0, c0 = time.perf_counter(), time.process_time()
+            h.img2img(**base, script_args=script_args)
+            return time.perf_counter() - t0, time.process_time() - c0
+
+        timed(on)  # warm-up
+        timed(off)
+        plain_t, col_t = [], []
+        for _ in range(args.repeat):
+            plain_t.append(timed(off))
+            col_t.append(timed(on))
+    print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, CFG 1, "
+          f"torch threads {torch.get_num_threads()}; guidance 10, so 2B + 1 + 1 extra rows per step)")
+    ratios = {}
+    for i, clock in enumerate(("cpu", "wall")):
+        a = statistics.median(t[i] for t in plain_t)
+        b = statistics.median(t[i] for t in col_t)
+        ratios[clock] = b / a
+        print(f"{clock:4s} img2img {a * 1000:8.1f} ms   img2img+colorize {b * 1000:8.1f} ms")
+    print(f"ratio colorize_vs_img2img_cpu {ratios['cpu']:.3f}")
+    print(f"ratio colorize_vs_img2img {ratios['wall']:.3f}")
+    return ratios["wall"]
+
+
+BENCHES = {"pag": bench_pag, "colorize": bench_colorize}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -176,6 +176,8 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         self.denoising_strength = denoising_strength
         self.inpainting_fill = inpainting_fill
         self.init_latent = None
+        self.resize_mode = 0  # "Just resize"
+        self.color_corrections = None
 
     def init(self, all_prompts, all_seeds):
         imgs = []
@@ -247,6 +249,7 @@ def process_images_inner(p):
             if p.scripts is not None:
                 p.scripts.postprocess_batch(p, decoded, batch_number=n)
             for i in range(decoded.shape[0]):
+                p.batch_index = i
                 arr = (decoded[i].permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
                 image = Image.fromarray(arr)
                 if p.scripts is not None:

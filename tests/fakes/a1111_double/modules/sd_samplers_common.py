@@ -1,5 +1,6 @@
 """Double of modules/sd_samplers_common.py."""
 
+import torch
 from modules import shared
 
 
@@ -24,6 +25,14 @@ def apply_refiner(cfg_denoiser, sigma=None):
     p.setup_conds()
     cfg_denoiser.update_inner_model()
     return True
+
+
+def images_tensor_to_samples(image, approximation=None, model=None):
+    """image [0, 1] -> latent, as A1111 1.10 does with the full VAE (one image at a time)."""
+    if model is None:
+        model = shared.sd_model
+    image = image.to(model.device if hasattr(model, "device") else image.device, dtype=model.dtype) * 2 - 1
+    return torch.stack([model.get_first_stage_encoding(model.encode_first_stage(img[None]))[0] for img in image])
 
 
 def store_latent(x):

@@ -1,0 +1,46 @@
+"""Regenerate the README's pictures with the tests' tiny random-weight model (no real checkpoint):
+
+    .venv/bin/python tests/bench/make_docs_images.py
+
+docs/colorize_tiny.jpg: grayscale input | colour reference | output of reference colorization.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import gradio  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import tests.conftest  # noqa: E402,F401
+from lib_attn import color  # noqa: E402
+from tests.fakes.a1111_double import a1111_host  # noqa: E402
+
+PHOTOS = pathlib.Path(gradio.__file__).parent / "test_data"
+
+
+def colorize_pair(out_path: pathlib.Path) -> None:
+    src = Image.open(PHOTOS / "cheetah1.jpg").convert("RGB")
+    gray = color.tensor_to_pil(color.luminance_only(color.pil_to_tensor(src)))
+    ref = Image.open(PHOTOS / "lion.jpg").convert("RGB")
+    torch.manual_seed(0)
+    with a1111_host("sd1") as h:
+        h.load_script(ROOT / "scripts" / "attention_toolkit.py")
+        out = h.img2img(prompt="", negative_prompt="", seed=1, steps=8, cfg_scale=1.0, width=128, height=128,
+                        sampler_name="Euler", denoising_strength=0.5, init_images=[gray],
+                        script_args=[{"colorize": {"reference": ref}}]).images[0]
+    w, h_ = src.size
+    sheet = Image.new("RGB", (3 * w + 16, h_), (255, 255, 255))
+    for i, im in enumerate((gray, ref.resize((w, h_)), out)):
+        sheet.paste(im.resize((w, h_)), (i * (w + 8), 0))
+    sheet.save(out_path, quality=88)
+    print("wrote", out_path)
+
+
+if __name__ == "__main__":
+    colorize_pair(ROOT / "docs" / "colorize_tiny.jpg")
