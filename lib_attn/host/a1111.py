@@ -328,17 +328,30 @@ class A1111Session(Session):
             rows = [j for j, i in enumerate(owners) if i is not None]
             if not rows:
                 return call_next(*args, **kwargs)
-            out = call_next(*args, **kwargs)
             try:
                 feats = self._features(store, layout, [owners[j] for j in rows])
             except KeyError:
                 self.fail(RuntimeError("Attention Toolkit: colorization features missing at " + path))
-                return out
-            moved = col.transfer(module, x[rows], feats, lp).to(out.dtype)
+                return call_next(*args, **kwargs)
+            moved = col.transfer(module, x[rows], feats, lp, [owners[j] for j in rows])
             s = self.plan.colorize.strength
-            out = out.clone()
-            out[rows] = moved if s >= 1 else moved * s + out[rows] * (1 - s)
-            return out
+            if s < 1:
+                out = call_next(*args, **kwargs)
+                return _put_rows(out, rows, moved.to(out.dtype) * s + out[rows] * (1 - s))
+            # strength 1: the plain attention runs only on the rows that keep it (runs of consecutive rows)
+            parts, j = [], 0
+            pos = {r: i for i, r in enumerate(rows)}
+            while j < n:
+                k = j
+                keep = j not in pos
+                while k < n and (k not in pos) == keep:
+                    k += 1
+                if keep:
+                    parts.append(call_next(*_slice_args(args, n, j, k), **_slice_kwargs(kwargs, n, j, k)))
+                else:
+                    parts.append(moved[pos[j] : pos[j] + (k - j)])
+                j = k
+            return torch.cat([p_.to(parts[0].dtype) for p_ in parts], dim=0)
 
         return attn1
 
@@ -416,6 +429,12 @@ class A1111Session(Session):
         if b < n:
             parts.append(call_next(*_slice_args(args, n, b, n), **_slice_kwargs(kwargs, n, b, n)))
         return torch.cat(parts, dim=0)
+
+
+def _put_rows(out: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor:
+    out = out.clone()
+    out[rows] = values
+    return out
 
 
 def _cat_conds(parts: list) -> Any:

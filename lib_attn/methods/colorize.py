@@ -87,10 +87,15 @@ def dual_attention(
     """
     d = q.shape[-1] // n_heads
     scale = d**-0.5
-    a, b = math.sqrt(gamma), math.sqrt(max(1.0 - gamma, 0.0))
-    qq = torch.cat([heads(q_in, n_heads) * a, heads(q, n_heads) * b], dim=-1)
-    kk = torch.cat([heads(k_refg, n_heads) * a, heads(k_ref, n_heads) * b], dim=-1)
-    out = _sdpa(qq, kk, heads(v_ref, n_heads), scale)
+    if gamma >= 1:  # gray-to-gray only: the map does not depend on the live row
+        out = _sdpa(heads(q_in, n_heads), heads(k_refg, n_heads), heads(v_ref, n_heads), scale)
+    elif gamma <= 0:
+        out = _sdpa(heads(q, n_heads), heads(k_ref, n_heads), heads(v_ref, n_heads), scale)
+    else:
+        a, b = math.sqrt(gamma), math.sqrt(1.0 - gamma)
+        qq = torch.cat([heads(q_in, n_heads) * a, heads(q, n_heads) * b], dim=-1)
+        kk = torch.cat([heads(k_refg, n_heads) * a, heads(k_ref, n_heads) * b], dim=-1)
+        out = _sdpa(qq, kk, heads(v_ref, n_heads), scale)
     if beta:
         own = _sdpa(heads(q_in, n_heads), heads(k_in, n_heads), heads(v, n_heads), scale)
         out = out * (1.0 - beta) + own * beta
@@ -194,8 +199,33 @@ def capture(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return module.to_q(x), module.to_k(x), module.to_v(x)
 
 
-def transfer(module: nn.Module, x: Tensor, feats: Features, p: LayerParams) -> Tensor:
-    """The layer output (after ``to_out``) of the transferred rows ``x`` (B, N, C); ``feats`` rows match ``x``'s."""
+def transfer(
+    module: nn.Module, x: Tensor, feats: Features, p: LayerParams, owners: Sequence[int] | None = None
+) -> Tensor:
+    """The layer output (after ``to_out``) of the transferred rows ``x`` (B, N, C); ``feats`` rows match ``x``'s.
+
+    With ``gamma = 1`` and ``beta = 0`` (the official defaults on the coarser layers) the output does not depend
+    on ``x``: it is computed once per distinct ``owners`` entry (image) and shared by that image's rows."""
+    if p.gamma >= 1 and not p.beta:
+        if owners is None:
+            owners = list(range(x.shape[0]))
+        first = {o: i for i, o in reversed(list(enumerate(owners)))}
+        uniq = list(first)
+        pick = [first[o] for o in uniq]
+        o = dual_attention(
+            feats.q_in[pick],
+            feats.q_in[pick],
+            feats.q_in[pick],
+            feats.k_in[pick],
+            feats.k_refg[pick],
+            feats.k_ref[pick],
+            feats.v_ref[pick],
+            module.heads,
+            p.gamma,
+            p.beta,
+        )
+        out = module.to_out(o)
+        return out[[uniq.index(o_) for o_ in owners]]
     q, v = module.to_q(x), module.to_v(x)
     o = dual_attention(
         q, v, feats.q_in, feats.k_in, feats.k_refg, feats.k_ref, feats.v_ref, module.heads, p.gamma, p.beta
