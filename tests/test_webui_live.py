@@ -137,7 +137,8 @@ def test_bad_input_names_the_field_and_the_webui_keeps_serving(args, fragment):
 
 
 def test_hires_fix_modes():
-    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2)
+    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2,
+              hr_additional_modules=["Use same choices"])  # Forge's API fails without it; A1111 ignores it
     plain = pixels(ok(txt2img(**hr))["images"][0])
     same = ok(txt2img([{"pag": {"scale": 3.0}}], **hr))
     own = ok(txt2img([{"pag": {"scale": 3.0, "hires": "own", "hires_scale": 1.0}}], **hr))

@@ -18,11 +18,14 @@ import importlib
 import logging
 from typing import Any
 
+import torch
 from modules import script_callbacks
 
+from lib_attn.host import colorize_io
+from lib_attn.methods import colorize as col
 from lib_attn.registry import clean_leftovers
-from lib_attn.session import Session, attach, check_settings_against, get, layer_keys, plan_pass
-from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
+from lib_attn.session import Session, attach, check_settings_against, get, layer_keys, layer_widths, plan_pass
+from lib_attn.settings import Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
 
@@ -60,15 +63,40 @@ def _with_attn1_replace(model_options: dict, patch: Any, keys: list[tuple[str, i
     return out
 
 
+def _with_transformer_option(model_options: dict, key: str, value: Any) -> dict:
+    out = dict(model_options)
+    out["transformer_options"] = {**out.get("transformer_options", {}), key: value}
+    return out
+
+
+def _encode(p: Any, images: Any) -> Any:
+    from modules import sd_samplers_common
+
+    return sd_samplers_common.images_tensor_to_samples(images, None, p.sd_model)
+
+
 def _identity_attention(q: Any, k: Any, v: Any, extra_options: Any = None, **kwargs: Any) -> Any:
     """attn1 replace patch: the identity attention map gives every token its own value."""
     return v
+
+
+_MODE = "attn_toolkit_colorize"  # transformer_options key: "capture" | "transfer" | absent (plain)
+
+
+def _attention(q: Any, k: Any, v: Any, heads: int) -> Any:
+    from backend.attention import attention_function
+
+    return attention_function(q, k, v, heads)
 
 
 class ForgeSession(Session):
     def __init__(self, p: Any, settings: Settings):
         super().__init__(settings)
         self.p = p
+        self.colorize = colorize_io.ColorizeInputs.prepare(p, settings) if settings.colorize.enabled else None
+        self._feats: dict = {}  # colorize: forge key -> {stream: {source: (q, k, v)}}
+        self._feats_sigma: float | None = None
+        self._col_params: dict = {}
 
     @contextlib.contextmanager
     def sampling(self):
@@ -77,6 +105,8 @@ class ForgeSession(Session):
             raise _unsupported_error(self.p)
         clean_leftovers(unet)
         check_settings_against(unet, self.settings)
+        if self.colorize is not None:
+            self.colorize.encode(self.p, _encode)
         script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
         try:
             yield self
@@ -97,8 +127,9 @@ class ForgeSession(Session):
             self.fail(_unsupported_error(p))
             return
         is_hr = bool(getattr(p, "is_hr_pass", False))
+        keys = layer_keys(unet_module)
         try:
-            self.plan = plan_pass(self.settings, is_hr, layer_keys(unet_module))
+            self.plan = plan_pass(self.settings, is_hr, keys, layer_widths(unet_module, keys))
         except SettingsError as e:
             self.fail(e)
             return
@@ -107,21 +138,119 @@ class ForgeSession(Session):
         clone = fo.unet.clone()
         setattr(clone, _CLONE_MARK, self)
         clone.set_model_sampler_post_cfg_function(self._post_cfg)
+        if self.plan.colorize is not None:
+            self._col_params = dict(
+                zip((k.forge_key for k in self.plan.colorize.layers), self.plan.colorize.params, strict=True)
+            )
+            self._feats, self._feats_sigma = {}, None
+            for key in self._col_params:
+                clone.set_model_patch_replace(self._colorize_patch, "attn1", key[0], key[1], key[2])
+            clone.set_model_unet_function_wrapper(self._unet_wrapper)
         fo.unet = clone
 
     def _post_cfg(self, args: dict) -> Any:
         denoised = args["denoised"]
-        plan = self.plan.pag if self.plan else None
+        plan = self.plan
         if plan is None:
             return denoised
         model, sigma = args["model"], args["sigma"]
-        scale = plan.scale_at(self.step, self.total_steps, _timestep(model, sigma))
-        if scale <= 0:
-            return denoised
-        options = _with_attn1_replace(args["model_options"], _identity_attention, [k.forge_key for k in plan.layers])
-        calc = _calc_cond_uncond_batch()
-        perturbed, _ = calc(model, args["cond"], None, args["input"], sigma, options)
-        return denoised + (args["cond_denoised"] - perturbed) * scale
+        calc = None
+        if plan.pag is not None:
+            scale = plan.pag.scale_at(self.step, self.total_steps, _timestep(model, sigma))
+            if scale > 0:
+                keys = [k.forge_key for k in plan.pag.layers]
+                options = _with_attn1_replace(args["model_options"], _identity_attention, keys)
+                calc = _calc_cond_uncond_batch()
+                perturbed, _ = calc(model, args["cond"], None, args["input"], sigma, options)
+                denoised = denoised + (args["cond_denoised"] - perturbed) * scale
+        c = plan.colorize
+        if c is not None and c.needs_plain_rows and c.active_at(self.step, self.total_steps):
+            # colorization guidance: one cond-only call without the transfer gives the plain prediction
+            options = _with_transformer_option(args["model_options"], _MODE, "off")
+            calc = calc or _calc_cond_uncond_batch()
+            plain, _ = calc(model, args["cond"], None, args["input"], sigma, options)
+            cond = args["cond_denoised"]
+            denoised = denoised + col.colorization_guidance(plain, cond, c.guidance) - cond
+        return denoised
+
+    # ---- colorization ---------------------------------------------------------------------
+    def _unet_wrapper(self, apply_model: Any, args: dict) -> Any:
+        """``model_function_wrapper``: capture the streams once per step (one extra call), then run the
+        host's call with the transfer on the chosen layers."""
+        x, t, c = args["input"], args["timestep"], args["c"]
+        to = c.get("transformer_options", {})
+        plan = self.plan.colorize if self.plan else None
+        if plan is None or to.get(_MODE) == "off" or not plan.active_at(self.step, self.total_steps):
+            return apply_model(x, t, **c)
+        ci = self.colorize
+        n_images = ci.z_in.shape[0]
+        sigma = float(t[0])
+        if self._feats_sigma != sigma:
+            self._capture(apply_model, x, t, c, n_images)
+            self._feats_sigma = sigma
+        c2 = dict(c)
+        c2["transformer_options"] = {**to, _MODE: "transfer", "attn_toolkit_images": n_images}
+        return apply_model(x, t, **c2)
+
+    def _capture(self, apply_model: Any, x: Any, t: Any, c: dict, n_images: int) -> None:
+        ci = self.colorize
+        ref_of = ci.ref_index(n_images)
+        refs = sorted(set(ref_of))
+        owners = list(range(n_images)) + [ref_of.index(r) for r in refs] * 2
+        rows = [o % x.shape[0] for o in owners]
+        sigma = t[rows]
+        view = (-1, 1, 1, 1)
+        z = torch.cat([ci.z_in, ci.z_ref[refs], ci.z_refg[refs]]).to(x)
+        noise = torch.cat([ci.noise_in, ci.noise_ref[refs], ci.noise_ref[refs]]).to(x)
+        x_cap = z + noise * sigma.view(view).to(x)
+        c_cap = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == x.shape[0] else v) for k, v in c.items()}
+        groups = [("col_in", list(range(n_images))), ("col_ref", refs), ("col_refg", refs)]
+        c_cap["transformer_options"] = {
+            **c.get("transformer_options", {}),
+            _MODE: "capture",
+            "attn_toolkit_groups": groups,
+            "cond_or_uncond": [0],
+        }
+        self._feats = {}
+        apply_model(x_cap, sigma, **c_cap)
+
+    def _colorize_patch(self, q: Any, k: Any, v: Any, extra_options: dict) -> Any:
+        """attn1 replace patch on the colorization layers (q, k, v projected: (rows, N, C))."""
+        heads = int(extra_options["n_heads"])
+        mode = extra_options.get(_MODE)
+        block = extra_options.get("block")
+        key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
+        plain = _attention(q, k, v, heads)
+        if mode == "capture":
+            store = self._feats.setdefault(key, {})
+            row = 0
+            for name, src in extra_options["attn_toolkit_groups"]:
+                for s in src:
+                    store.setdefault(name, {})[s] = (q[row], k[row], v[row])
+                    row += 1
+            return plain
+        if mode != "transfer" or key not in self._col_params:
+            return plain
+        store = self._feats.get(key)
+        if not store:
+            self.fail(RuntimeError(f"Attention Toolkit: colorization features missing at {key}"))
+            return plain
+        n_images = int(extra_options["attn_toolkit_images"])
+        ref_of = self.colorize.ref_index(n_images)
+        owners = [r % n_images for r in range(q.shape[0])]
+        feats = col.Features(
+            torch.stack([store["col_in"][i][0] for i in owners]),
+            torch.stack([store["col_in"][i][1] for i in owners]),
+            torch.stack([store["col_refg"][ref_of[i]][1] for i in owners]),
+            torch.stack([store["col_ref"][ref_of[i]][1] for i in owners]),
+            torch.stack([store["col_ref"][ref_of[i]][2] for i in owners]),
+        )
+        lp = self._col_params[key]
+        moved = col.dual_attention(
+            q, v, feats.q_in, feats.k_in, feats.k_refg, feats.k_ref, feats.v_ref, heads, lp.gamma, lp.beta
+        )
+        s = self.plan.colorize.strength
+        return moved if s >= 1 else moved * s + plain * (1 - s)
 
 
 def _diffusion_model(p: Any) -> Any:
@@ -139,10 +268,6 @@ def _unsupported_error(p: Any) -> SettingsError:
 
 # ---- entry points used by the Script ----------------------------------------------------------
 def begin(p: Any, settings: Settings) -> None:
-    if settings.colorize.enabled:
-        raise FIELD_BY_KEY["colorize_enabled"].error(
-            "reference colorization is not available on Forge yet (A1111 only)"
-        )
     attach(p, ForgeSession(p, settings))
 
 
