@@ -51,7 +51,7 @@ def load_image(field: Field, value: Any) -> Image.Image | None:
 
 def _b64(field: Field, text: str) -> bytes:
     s = text.strip()
-    if s.lower().startswith(("http://", "https://", "file:", "/", "./", "../")) or re.match(r"^[a-z]:\\", s, re.I):
+    if re.match(r"^[a-z][a-z0-9+.-]*://", s, re.I) or s.lower().startswith("file:"):
         raise field.error("URLs and file paths are not accepted; send the image itself as base64")
     s = _DATA_URL.sub("", s, count=1)
     if len(s) > MAX_BYTES * 4 // 3 + 4:
@@ -59,6 +59,9 @@ def _b64(field: Field, text: str) -> bytes:
     try:
         return base64.b64decode(re.sub(r"\s+", "", s), validate=True)
     except (binascii.Error, ValueError):
+        # base64 of a JPEG starts with "/9j/", so a leading "/" alone does not make a path
+        if s.startswith(("/", "./", "../", "~")) or re.match(r"^[a-z]:\\", s, re.I):
+            raise field.error("URLs and file paths are not accepted; send the image itself as base64") from None
         raise field.error("not valid base64 image data") from None
 
 

@@ -60,7 +60,7 @@ class PatchSet:
 
     def wrap_forward(self, module: nn.Module, fn: WrapFn) -> None:
         current = module.__dict__.get("forward", _MISSING)
-        if getattr(current, MARK, False) and current.active:
+        if getattr(current, MARK, False) and current.active and current not in self._wrappers:
             raise RuntimeError(f"{type(module).__name__} already carries an Attention Toolkit patch")
         w = _Wrapper(module, fn, current)
         module.forward = w

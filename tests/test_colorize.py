@@ -394,3 +394,18 @@ def test_bad_input_names_the_field(kind, args, fragment):
         assert fragment in resp["errors"]
         assert h.callback_count() == 0
         assert_no_leftovers(h)
+
+
+def test_pag_and_colorization_on_the_same_layer(h64):
+    """Found by the soak: both methods on one layer.  Colorization sees the whole call (capture rows first),
+    PAG then replaces its own rows; one call and chunked calls agree."""
+    init, ref = small("lion.jpg"), photo("cheetah1.jpg")
+    args = [{"colorize": {"reference": ref, "layers": "middle, output.9"}, "pag": {"scale": 2.0, "layers": "middle"}}]
+    out = h64.img2img(**BASE, init_images=[init], script_args=args).samples
+    h64.modules.shared.opts.batch_cond_uncond = False
+    chunked = h64.img2img(**BASE, init_images=[init], script_args=args).samples
+    h64.modules.shared.opts.batch_cond_uncond = True
+    col_only = h64.img2img(**BASE, init_images=[init], script_args=[{"colorize": args[0]["colorize"]}]).samples
+    assert (out - chunked).abs().max() < 1e-9
+    assert (out - col_only).abs().max() > 1e-4
+    assert_no_leftovers(h64)

@@ -1,4 +1,4 @@
-"""Soak: many generations with random PAG settings, batch sizes, sizes, samplers, hires on/off, exceptions
+"""Soak: many generations with random PAG and reference-colorization settings, batch sizes, sizes, samplers, hires on/off, exceptions
 injected inside the UNet and interrupts at random steps, on the A1111 double.  After every generation nothing of
 ours is left on the model or in the callback lists; afterwards a reference generation equals a fresh host's, and
 the process's memory has not grown.
@@ -25,6 +25,16 @@ REFERENCE = dict(prompt="a lighthouse", negative_prompt="fog", seed=9, steps=3, 
 
 
 def rss_mb() -> float:
+    """Resident memory after a collection and ``malloc_trim`` (freed heap given back), so what is measured is
+    what is still held, not the allocator's cache of freed blocks of many shapes."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -47,6 +57,21 @@ def random_settings(rng: random.Random) -> list:
     return S.defaults().with_values(values).to_args()
 
 
+def random_colorize(rng: random.Random, batch: int) -> dict:
+    from PIL import Image
+
+    def img(seed):
+        r = random.Random(seed)
+        return Image.new("RGB", (r.choice([40, 64, 90]), r.choice([40, 64, 77])), tuple(r.randrange(256) for _ in "rgb"))
+
+    refs = [img(rng.random()) for _ in range(batch if rng.random() < 0.3 else 1)]
+    start = rng.choice([0.0, 0.4])
+    return {"colorize": {"reference": refs, "strength": rng.choice([1.0, 0.5]), "guidance": rng.choice([1.0, 10.0]),
+                         "start": start, "end": rng.choice([1.0, max(start, 0.7)]),
+                         "layers": rng.choice(["auto", "output.9, output.11", "middle"]),
+                         "adain": rng.random() < 0.5, "match_colors": rng.random() < 0.5}}
+
+
 def assert_clean(h):
     unet = h.modules.shared.sd_model.model.diffusion_model
     for name, m in unet.named_modules():
@@ -65,7 +90,10 @@ def test_soak_random_generations():
     with a1111_host("sd1") as h:
         h.load_script(SCRIPT)
         torch.manual_seed(0)
-        h.txt2img(**REFERENCE)  # warm-up before measuring memory
+        h.txt2img(**REFERENCE)
+        # memory is measured from the end of a warm-up (a third of the run): the first generations of each new
+        # shape fill torch's and the allocator's caches (the WebUI alone grows ~40 MB that way, then stays flat)
+        warm = max(1, min(COUNT // 3, 40))
         rss0 = rss_mb()
         unet = h.modules.shared.sd_model.model.diffusion_model
         for i in range(COUNT):
@@ -94,7 +122,18 @@ def test_soak_random_generations():
                 h.modules.shared.state.interrupt_at_step = rng.randint(1, 2)
                 interrupts += 1
             try:
-                h.txt2img(**kw)
+                if rng.random() < 0.3:  # img2img with reference colorization (and maybe PAG)
+                    from PIL import Image
+
+                    named = random_colorize(rng, kw["batch_size"])
+                    if rng.random() < 0.5:
+                        named["pag"] = {"scale": 2.0}
+                    kw.pop("enable_hr", None), kw.pop("hr_scale", None), kw.pop("hr_upscaler", None)
+                    kw.update(script_args=[named], denoising_strength=0.6,
+                              init_images=[Image.new("RGB", (rng.choice([64, 100]), 80), (90, 90, 90))])
+                    h.img2img(**kw)
+                else:
+                    h.txt2img(**kw)
             except RuntimeError as e:
                 assert "injected" in str(e)
                 failures += 1
@@ -103,6 +142,10 @@ def test_soak_random_generations():
                     handle.remove()
                 h.modules.shared.state.reset()
             assert_clean(h)
+            if i + 1 == warm:
+                rss0 = rss_mb()
+            if os.environ.get("ATTN_SOAK_TRACE") and i % 10 == 0:
+                print(f"soak {i}: RSS {rss_mb() - rss0:+.1f} MB")
         h.modules.shared.opts.batch_cond_uncond = True
         again = h.txt2img(**REFERENCE).samples
         growth = rss_mb() - rss0

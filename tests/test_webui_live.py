@@ -225,3 +225,65 @@ def test_reference_colorization_in_img2img():
     assert status >= 400 and "(colorize.reference)" in json.dumps(err)
     status, err = txt2img([{"colorize": {"reference": encode(_photo("lion.jpg"))}}])
     assert status >= 400 and "works in img2img" in json.dumps(err)
+
+
+def _server_rss_mb() -> float | None:
+    pid = os.environ.get("ATTN_WEBUI_PID")
+    if not pid:
+        return None
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def test_soak_through_the_api():
+    """``ATTN_LIVE_SOAK`` (default 20) random generations: PAG settings, sizes, samplers, batches, hires fix,
+    img2img with reference colorization, and bad requests in between.  Afterwards plain and PAG generations equal
+    those made before (nothing installed is left, no state carried over); with ``ATTN_WEBUI_PID`` set the server's
+    memory must stay flat after a warm-up (half the run; a fresh WebUI grows for its first ~100
+    generations of new shapes with or without the extension)."""
+    import random
+
+    count = int(os.environ.get("ATTN_LIVE_SOAK", "20"))
+    rng = random.Random(99)
+    ref_pag = [{"pag": {"scale": 2.5}}]
+    before = [pixels(ok(txt2img())["images"][0]), pixels(ok(txt2img(ref_pag))["images"][0])]
+    lion = encode(_photo("lion.jpg", (64, 64)))
+    init = encode(_photo("cheetah1.jpg", (SIZE, SIZE)))
+    samplers = ["Euler", "Euler a", "DPM++ 2M", "DDIM", "Heun"]
+    rss0 = None
+    bad = 0
+    for i in range(count):
+        size = rng.choice([SIZE, SIZE + 8, SIZE - 8])
+        kw = {**BASE, "seed": i, "width": size, "height": rng.choice([SIZE, SIZE + 16]),
+              "sampler_name": rng.choice(samplers), "batch_size": rng.choice([1, 2]), "steps": rng.choice([2, 3])}
+        roll = rng.random()
+        if roll < 0.15:  # a bad request
+            status, _ = txt2img([{"pag": {"scale": rng.choice([-1, 99, "x"])}}], **kw)
+            assert status >= 400
+            bad += 1
+            continue
+        if roll < 0.4:
+            args = [{"colorize": {"reference": lion, "guidance": rng.choice([1.0, 10.0])},
+                     **({"pag": {"scale": 2.0}} if rng.random() < 0.5 else {})}]
+            body = {**kw, "init_images": [init], "denoising_strength": 0.5,
+                    "alwayson_scripts": {TITLE: {"args": args}}}
+            ok(call("/sdapi/v1/img2img", body))
+        else:
+            args = [{"pag": {"scale": rng.choice([0.0, 1.0, 3.0]), "layers": rng.choice(["middle", "all", "output"]),
+                             "hires": rng.choice(["same", "own", "off"]), "end": rng.choice([1.0, 0.5])}}]
+            if rng.random() < 0.3:
+                kw.update(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5,
+                          hr_second_pass_steps=2, hr_additional_modules=["Use same choices"])
+            ok(txt2img(args, **kw))
+        if i + 1 == max(1, count // 2):
+            rss0 = _server_rss_mb()
+    after = [pixels(ok(txt2img())["images"][0]), pixels(ok(txt2img(ref_pag))["images"][0])]
+    assert np.array_equal(before[0], after[0]), "plain generation changed: something stayed installed"
+    assert np.array_equal(before[1], after[1]), "PAG generation changed: state carried over"
+    rss1 = _server_rss_mb()
+    if rss0 is not None and rss1 is not None:
+        print(f"server RSS growth after warm-up: {rss1 - rss0:+.1f} MB over {count} generations ({bad} bad)")
+        assert rss1 - rss0 < 50

@@ -92,6 +92,7 @@ class A1111Session(Session):
         self._cursor = 0
         self._call: tuple[int, int] | None = None
         self._prepass: BatchLayout | None = None  # colorize capture call in progress
+        self._shared_layers: set[str] = set()
         self.colorize = colorize_io.ColorizeInputs.prepare(p, settings) if settings.colorize.enabled else None
 
     # ---- lifetime -------------------------------------------------------------------------
@@ -142,12 +143,19 @@ class A1111Session(Session):
         except SettingsError as e:
             self.fail(e)
             return
+        self._shared_layers = set()
+        if self.plan.colorize is not None and self.plan.pag is not None:
+            # a layer both methods act on: PAG (outer) lets colorization (inner) see the whole call
+            self._shared_layers = {k.module_path for k in self.plan.colorize.layers} & {
+                k.module_path for k in self.plan.pag.layers
+            }
         if self.plan.colorize is not None:
             for key_, lp in zip(self.plan.colorize.layers, self.plan.colorize.params, strict=True):
                 self.patches.wrap_forward(unet.get_submodule(key_.module_path), self._colorize_attn1(key_, lp))
         if self.plan.pag is not None:
             for key_ in self.plan.pag.layers:
-                self.patches.wrap_forward(unet.get_submodule(key_.module_path), self._attn1)
+                fn = self._attn1_over_colorize if key_.module_path in self._shared_layers else self._attn1
+                self.patches.wrap_forward(unet.get_submodule(key_.module_path), fn)
         if self.plan.any:
             self.patches.add_handle(unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
 
@@ -183,6 +191,12 @@ class A1111Session(Session):
             if self._in_batch(params):
                 groups += capture
                 capture = []
+        if not groups:  # only a capture call this step (its rows could not ride along)
+            self._step = _Step(layout.with_groups([]), 0.0, den, colorize)
+            self._cursor = 0
+            if capture:
+                self._run_prepass(den, capture, params.text_uncond)
+            return
         rows_x, rows_sigma, rows_ic, rows_tc = [], [], [], []
         ic = params.image_cond
         has_ic = isinstance(ic, torch.Tensor) and _rows(ic) == layout.n_cond + layout.n_images
@@ -294,6 +308,14 @@ class A1111Session(Session):
         self._prepass, self._cursor = layout, 0
         try:
             den.inner_model(x, sigma, cond=cond)
+        except BaseException as e:
+            # the host reports and swallows errors raised in CFG callbacks: keep the real cause, so the
+            # generation fails with it, and run this step without the transfer
+            self.fail(e if isinstance(e, Exception) else RuntimeError(f"Attention Toolkit: capture call ended: {e!r}"))
+            if self._step is not None:
+                self._step.colorize = False
+            if not isinstance(e, Exception):
+                raise
         finally:
             self._prepass, self._cursor, self._call = None, saved, None
 
@@ -347,13 +369,24 @@ class A1111Session(Session):
                 while k < n and (k not in pos) == keep:
                     k += 1
                 if keep:
-                    parts.append(call_next(*_slice_args(args, n, j, k), **_slice_kwargs(kwargs, n, j, k)))
+                    parts.append(self._sub_call(call_next, args, kwargs, n, j, k))
                 else:
                     parts.append(moved[pos[j] : pos[j] + (k - j)])
                 j = k
             return torch.cat([p_.to(parts[0].dtype) for p_ in parts], dim=0)
 
         return attn1
+
+    def _sub_call(self, call_next: Any, args: tuple, kwargs: dict, n: int, a: int, b: int) -> Any:
+        """``call_next`` on rows a..b of this call; a wrapper further in (another method on the same layer)
+        sees those rows as a call of its own, at their global position."""
+        saved = self._call
+        if saved is not None:
+            self._call = (saved[0] + a, b - a)
+        try:
+            return call_next(*_slice_args(args, n, a, b), **_slice_kwargs(kwargs, n, a, b))
+        finally:
+            self._call = saved
 
     @staticmethod
     def _owner(layout: BatchLayout, row: int) -> int | None:
@@ -424,11 +457,25 @@ class A1111Session(Session):
         a, b = span
         parts = []
         if a > 0:
-            parts.append(call_next(*_slice_args(args, n, 0, a), **_slice_kwargs(kwargs, n, 0, a)))
+            parts.append(self._sub_call(call_next, args, kwargs, n, 0, a))
         parts.append(identity_attention(module, x[a:b]))
         if b < n:
-            parts.append(call_next(*_slice_args(args, n, b, n), **_slice_kwargs(kwargs, n, b, n)))
+            parts.append(self._sub_call(call_next, args, kwargs, n, b, n))
         return torch.cat(parts, dim=0)
+
+    def _attn1_over_colorize(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        """PAG on a layer that colorization also patches: the inner (colorization) wrapper runs on the whole
+        call, so it sees the capture rows before the rows it transfers; the PAG rows are then replaced."""
+        out = call_next(*args, **kwargs)
+        st, call = self._step, self._call
+        if st is None or call is None or self._prepass is not None:
+            return out
+        n = _rows(args[0])
+        span = batchmod.local_span(st.layout.group("pag"), call[0], call[1], n)
+        if span is None:
+            return out
+        a, b = span
+        return _put_rows(out, list(range(a, b)), identity_attention(module, args[0][a:b]).to(out.dtype))
 
 
 def _put_rows(out: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor:

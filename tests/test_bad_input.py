@@ -1,0 +1,144 @@
+"""The bad-input table (README, "Bad input"): every entry goes through the A1111 double's HTTP API handling
+(``alwayson_scripts``), must fail the request with a message naming the field, leave nothing installed, and the
+WebUI keeps serving.  Unusual but valid images (RGBA, 16-bit, CMYK, palette, ...) are accepted and converted."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.fakes.a1111_double import a1111_host
+from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
+
+BASE = {"prompt": "a cube", "negative_prompt": "", "seed": 1, "steps": 2, "cfg_scale": 4.0, "width": 96,
+        "height": 80}
+
+
+def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+RGB = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+GOOD = b64(png(RGB))
+
+
+def colorize(ref, **kw):
+    return ("img2img", [{"colorize": {"reference": ref, **kw}}])
+
+
+def pag(**kw):
+    return ("txt2img", [{"pag": kw}])
+
+
+# (id, (tab, args), fragment of the message that must name the field)
+TABLE = [
+    ("scale-text", pag(scale="strong"), "PAG scale (pag.scale): expected a number"),
+    ("scale-nan", pag(scale=float("nan")), "PAG scale (pag.scale): expected a finite number"),
+    ("scale-inf", pag(scale=float("inf")), "PAG scale (pag.scale): expected a finite number"),
+    ("scale-negative", pag(scale=-1), "PAG scale (pag.scale): -1 is out of range"),
+    ("scale-too-big", pag(scale=31), "PAG scale (pag.scale): 31 is out of range"),
+    ("scale-bool", pag(scale=True), "PAG scale (pag.scale): expected a number"),
+    ("scale-list", pag(scale=[3]), "PAG scale (pag.scale): expected a number"),
+    ("scale-null", pag(scale=None), "PAG scale (pag.scale): expected a number"),
+    ("adaptive-range", pag(adaptive_scale=2), "(pag.adaptive_scale): 2 is out of range"),
+    ("end-before-start", pag(start=0.9, end=0.2), "(pag.end): end (0.2) must not be below start (0.9)"),
+    ("layers-number", pag(layers=5), "Layers (pag.layers): expected text"),
+    ("layers-unknown-block", pag(layers="output.99"), "Layers (pag.layers): 'output.99' matched no layer"),
+    ("layers-garbage", pag(layers="sideways"), "Layers (pag.layers):"),
+    ("hires-choice", pag(hires="sometimes"), "Hires pass (pag.hires): expected one of same, own, off"),
+    ("enabled-word", pag(enabled="maybe"), "Enable PAG (pag.enabled): expected true or false"),
+    ("unknown-name", ("txt2img", [{"pag": {"sclae": 2}}]), "unknown parameter; did you mean pag_scale"),
+    ("unknown-section", ("txt2img", [{"pga": {"scale": 2}}]), "(pga): unknown parameter"),
+    ("section-not-object", ("txt2img", [{"pag": 3}]), "(pag): expected an object of pag parameters"),
+    ("start-comma-decimal", pag(start="0,5"), "Start (fraction of steps) (pag.start): expected a number"),
+    ("colorize-guidance", colorize(GOOD, guidance=0), "(colorize.guidance): 0 is out of range"),
+    ("colorize-strength", colorize(GOOD, strength=1.5), "(colorize.strength): 1.5 is out of range"),
+    ("colorize-layers", colorize(GOOD, layers="input.99"), "(colorize.layers): 'input.99' matched no layer"),
+    ("colorize-in-txt2img", ("txt2img", [{"colorize": {"reference": GOOD}}]), "(colorize.enabled): reference "
+                                                                               "colorization works in img2img"),
+    ("reference-missing", ("img2img", [{"colorize": {}}]), "(colorize.reference): reference colorization is on "
+                                                           "but no colour reference was given"),
+    ("reference-bad-base64", colorize("%%%not base64"), "(colorize.reference): not valid base64 image data"),
+    ("reference-not-an-image", colorize(b64(b"hello, world" * 10)), "(colorize.reference): the data is not an "
+                                                                     "image"),
+    ("reference-truncated-png", colorize(b64(png(RGB)[:300])), "(colorize.reference): the image data is broken or "
+                                                                "truncated"),
+    ("reference-bomb", colorize(b64(png(Image.new("1", (12000, 12000))))), "(colorize.reference): the image is "
+                                                                             "12000x12000, more than the 64 "
+                                                                             "megapixel limit"),
+    ("reference-url", colorize("https://example.com/a.png"), "(colorize.reference): URLs and file paths are not "
+                                                             "accepted"),
+    ("reference-path", colorize("/etc/passwd"), "(colorize.reference): URLs and file paths are not accepted"),
+    ("reference-tiny", colorize(b64(png(Image.new("RGB", (4, 4))))), "(colorize.reference): the image is 4x4; it "
+                                                                      "must be at least 8x8"),
+    ("reference-number", colorize(42), "(colorize.reference): expected an image"),
+    ("reference-list-item", colorize([GOOD, "%%%"]), "(colorize.reference): image 1: not valid base64"),
+    ("reference-count", ("img2img", [{"colorize": {"reference": [GOOD, GOOD, GOOD]}}]),
+     "(colorize.reference): give one reference for all images or one per image of the batch (1), got 3"),
+]
+
+
+@pytest.fixture(scope="module")
+def host():
+    with a1111_host("sd1") as h:
+        h.load_script(SCRIPT)
+        yield h
+
+
+def call(h, tab, args):
+    payload = {**BASE, "alwayson_scripts": {"Attention Toolkit": {"args": args}}}
+    if tab == "img2img":
+        payload.update(init_images=[GOOD], denoising_strength=0.5)
+        return h.api_img2img(payload)
+    return h.api_txt2img(payload)
+
+
+def test_the_table_has_at_least_thirty_entries():
+    assert len(TABLE) >= 30
+    assert len({t[0] for t in TABLE}) == len(TABLE)
+
+
+@pytest.mark.parametrize(("name", "request_", "fragment"), TABLE, ids=[t[0] for t in TABLE])
+def test_bad_input_fails_with_the_field_named(host, name, request_, fragment):
+    tab, args = request_
+    status, resp = call(host, tab, args)
+    assert status == 500, resp
+    assert fragment in resp["errors"], resp["errors"]
+    assert resp["errors"].startswith("Attention Toolkit: ")
+    assert host.callback_count() == 0
+    assert_no_leftovers(host)
+    status, _ = call(host, "txt2img", [{"pag": {"scale": 2}}])  # the WebUI keeps serving
+    assert status == 200
+
+
+def _modes():
+    rgba = RGB.convert("RGBA")
+    rgba.putalpha(128)
+    i16 = Image.fromarray((np.asarray(RGB.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+    return {
+        "rgba": b64(png(rgba)),
+        "16-bit": b64(png(i16)),
+        "cmyk-jpeg": b64(png(RGB.convert("CMYK"), "JPEG")),
+        "palette": b64(png(RGB.convert("P", palette=Image.Palette.ADAPTIVE))),
+        "gray": b64(png(RGB.convert("L"))),
+        "la": b64(png(RGB.convert("LA"))),
+        "data-url-jpeg": "data:image/jpeg;base64," + b64(png(RGB, "JPEG")),
+        "webp": b64(png(RGB, "WEBP")),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_unusual_but_valid_images_are_accepted(host, mode):
+    status, resp = call(host, "img2img", [{"colorize": {"reference": _modes()[mode]}}])
+    assert status == 200, resp
+    assert_no_leftovers(host)
