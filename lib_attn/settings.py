@@ -177,6 +177,36 @@ _PARSERS = {
 }
 
 
+def _interval(section: str, prefix: str, who: str) -> tuple[Field, Field]:
+    """The start/end pair every method has: its active interval as a fraction of the pass's steps."""
+    return (
+        Field(
+            section,
+            "start",
+            "Start (fraction of steps)",
+            f"{prefix} start",
+            "float",
+            0.0,
+            0.0,
+            1.0,
+            0.01,
+            help=f"{who} from this fraction of the sampling steps...",
+        ),
+        Field(
+            section,
+            "end",
+            "End (fraction of steps)",
+            f"{prefix} end",
+            "float",
+            1.0,
+            0.0,
+            1.0,
+            0.01,
+            help="...up to this fraction of the sampling steps (inclusive).",
+        ),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The table.  Order = positional order of the script's args; never reorder, only append.
 # --------------------------------------------------------------------------------------------
@@ -214,30 +244,7 @@ FIELDS: tuple[Field, ...] = (
         0.001,
         help="diffusers' pag_adaptive_scale: the scale falls as s - a*(1000 - t) with the UNet timestep t, clipped at 0.",
     ),
-    Field(
-        "pag",
-        "start",
-        "Start (fraction of steps)",
-        "PAG start",
-        "float",
-        0.0,
-        0.0,
-        1.0,
-        0.01,
-        help="PAG acts from this fraction of the sampling steps...",
-    ),
-    Field(
-        "pag",
-        "end",
-        "End (fraction of steps)",
-        "PAG end",
-        "float",
-        1.0,
-        0.0,
-        1.0,
-        0.01,
-        help="...up to this fraction of the sampling steps (inclusive).",
-    ),
+    *_interval("pag", "PAG", "PAG acts"),
     Field(
         "pag",
         "layers",
@@ -316,30 +323,7 @@ FIELDS: tuple[Field, ...] = (
         help="w in plain + w*(transferred - plain), the paper's classifier-free colorization guidance (10). "
         "1 = plain transfer, and saves the extra rows.",
     ),
-    Field(
-        "colorize",
-        "start",
-        "Start (fraction of steps)",
-        "Colorize start",
-        "float",
-        0.0,
-        0.0,
-        1.0,
-        0.01,
-        help="Colour transfer acts from this fraction of the sampling steps...",
-    ),
-    Field(
-        "colorize",
-        "end",
-        "End (fraction of steps)",
-        "Colorize end",
-        "float",
-        1.0,
-        0.0,
-        1.0,
-        0.01,
-        help="...up to this fraction of the sampling steps (inclusive).",
-    ),
+    *_interval("colorize", "Colorize", "Colour transfer acts"),
     Field(
         "colorize",
         "layers",
