@@ -1,12 +1,14 @@
-"""Batch layouts: which rows of a model call are cond, uncond and extra (perturbed) rows.
+"""Batch layouts: which rows of a model call are cond, uncond and extra rows, and whose.
 
 A1111's CFG denoiser lays out one step as ``[cond rows (x AND sub-prompts)] + [B uncond rows]``.
-PAG inserts ``B`` perturbed rows at the end of the cond section, so the denoiser's
+Methods insert their extra rows as named groups at the end of the cond section, so the denoiser's
 ``combine_denoised`` (which reads only the cond indices and the last B rows) is untouched::
 
-    rows 0 .. n_cond-1              cond (conds_list order)
-    rows n_cond .. n_cond+B-1       perturbed copies of each image's first cond row
-    rows n_cond+B .. n_cond+2B-1    uncond
+    rows 0 .. n_cond-1        cond (conds_list order)
+    "pag"                     B perturbed copies of each image's first cond row
+    "col_plain"               B plain (non-transferred) copies, for the colorization guidance
+    "col_in", "col_ref", ...  colorization capture streams (when they ride in the batch)
+    last B rows               uncond
 
 The model may be called once on all rows or in chunks (``batch_cond_uncond`` off, cond/uncond
 token lengths differ, uncond skipped); chunks always come in row order, so a running row cursor
