@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lib_attn.layers import LayerKey, LayerSelectorError, keys_from_module_names
-from lib_attn.methods import colorize
+from lib_attn.methods import colorize, style
 from lib_attn.methods.colorize import ColorizePlan
 from lib_attn.methods.pag import PagPlan
 from lib_attn.registry import PatchSet
@@ -34,10 +34,11 @@ class PassPlan:
     is_hr_pass: bool
     pag: PagPlan | None
     colorize: ColorizePlan | None = None
+    style: style.StylePlan | None = None
 
     @property
     def any(self) -> bool:
-        return self.pag is not None or self.colorize is not None
+        return self.pag is not None or self.colorize is not None or self.style is not None
 
 
 def layer_keys(unet: nn.Module) -> list[LayerKey]:
@@ -80,7 +81,25 @@ def plan_pass(
             )
         except LayerSelectorError as e:
             raise FIELD_BY_KEY["colorize_layers"].error(str(e)) from None
-    return PassPlan(is_hr_pass, pag, col)
+    sty = None
+    st = settings.style.for_pass(is_hr_pass)
+    if st.enabled:
+        try:
+            sty = style.build_plan(
+                strength=st.strength,
+                iters=st.iters,
+                start=st.start,
+                end=st.end,
+                selector=st.layers,
+                available=available,
+                tau=st.temperature,
+                content_weight=st.content_weight,
+                adain=st.adain,
+                checkpoint=st.checkpointing,
+            )
+        except LayerSelectorError as e:
+            raise FIELD_BY_KEY["style_layers"].error(str(e)) from None
+    return PassPlan(is_hr_pass, pag, col, sty)
 
 
 class Session:

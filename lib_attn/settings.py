@@ -402,11 +402,138 @@ FIELDS: tuple[Field, ...] = (
         help="Match the output's a/b mean and std to the reference's before the init image's lightness is put "
         "back (the paper's post-processing).",
     ),
+    # ---- style reference (Attention Distillation) ----
+    Field(
+        "style",
+        "enabled",
+        "Enable style reference",
+        "Style",
+        "bool",
+        False,
+        help="Attention Distillation: at each guided step, gradient steps on the latent pull the decoder's "
+        "self-attention towards the style image's keys and values.",
+    ),
+    Field(
+        "style",
+        "reference",
+        "Style image",
+        "Style reference",
+        "image",
+        (),
+        help="The image whose style (textures, colours, strokes) is distilled. API: base64 PNG/JPEG or a data URL, "
+        "or a list with one per image of the batch.",
+    ),
+    Field(
+        "style",
+        "strength",
+        "Strength",
+        "Style strength",
+        "float",
+        0.1,
+        0.0,
+        1.0,
+        0.005,
+        help="Adam learning rate of the inner gradient steps; their displacement moves the denoised prediction. "
+        "0 switches the guidance off.",
+    ),
+    Field(
+        "style",
+        "iters",
+        "Gradient steps per step",
+        "Style iters",
+        "int",
+        2,
+        1,
+        10,
+        1,
+        help="Inner iterations (forward + backward through the UNet) per guided denoising step "
+        "(official: 3 for SD1.5, 2 for SDXL). Cost grows with it.",
+    ),
+    *_interval("style", "Style", "The style guidance acts"),
+    Field(
+        "style",
+        "layers",
+        "Layers",
+        "Style layers",
+        "str",
+        "auto",
+        help="Self-attention layers of the loss: auto (the paper's: SD1/SD2 output.6-11, SDXL output.3-5) or "
+        "selectors such as output.9, output.10.0.",
+    ),
+    Field(
+        "style",
+        "content_weight",
+        "Content preservation (img2img)",
+        "Style content weight",
+        "float",
+        0.25,
+        0.0,
+        5.0,
+        0.05,
+        help="img2img: weight of the content loss (the init image's queries kept; paper 0.25). txt2img ignores it.",
+    ),
+    Field(
+        "style",
+        "adain",
+        "Match reference statistics (AdaIN)",
+        "Style AdaIN",
+        "bool",
+        True,
+        help="At guided steps, match the denoised latent's per-channel mean and std to the style image's "
+        "(the official text-to-image default).",
+    ),
+    Field(
+        "style",
+        "temperature",
+        "Attention temperature (τ)",
+        "Style temperature",
+        "float",
+        1.0,
+        0.1,
+        4.0,
+        0.05,
+        help="Scale of the queries in the target attention on the style image (official attn_scale, 1).",
+    ),
+    Field(
+        "style",
+        "checkpointing",
+        "Gradient checkpointing",
+        "Style checkpointing",
+        "choice",
+        "auto",
+        choices=("auto", "on", "off"),
+        help="Recompute UNet blocks in the backward pass instead of keeping their activations: less memory, "
+        "about a third more time. auto: on for SDXL.",
+    ),
+    Field(
+        "style",
+        "hires",
+        "Hires pass",
+        "Style hires",
+        "choice",
+        "off",
+        choices=HIRES_MODES,
+        help="In the hires-fix pass: same settings as the first pass, an own strength, or off (default: the "
+        "first pass sets the style, the hires pass only refines).",
+    ),
+    Field(
+        "style",
+        "hires_strength",
+        "Hires strength",
+        "Style hires strength",
+        "float",
+        0.05,
+        0.0,
+        1.0,
+        0.005,
+        help="Strength used in the hires-fix pass when 'Hires pass' is 'own'.",
+    ),
 )
 
 SECTION_TITLES: dict[str, str] = {
     "pag": "PAG — Perturbed-Attention Guidance",
     "colorize": "Reference colorization",
+    "style": "Style reference (Attention Distillation)",
 }
 SECTION_TABS: dict[str, tuple[str, ...]] = {"colorize": ("img2img",)}  # sections absent from some tabs
 
@@ -460,17 +587,47 @@ class ColorizeSettings:
         return self.enabled
 
 
-_SECTION_CLASSES = {"pag": PagSettings, "colorize": ColorizeSettings}
+@dataclass(frozen=True)
+class StyleSettings:
+    enabled: bool = False
+    reference: tuple = ()  # RGB PIL images
+    strength: float = 0.1
+    iters: int = 2
+    start: float = 0.0
+    end: float = 1.0
+    layers: str = "auto"
+    content_weight: float = 0.25
+    adain: bool = True
+    temperature: float = 1.0
+    checkpointing: str = "auto"
+    hires: str = "off"
+    hires_strength: float = 0.05
+
+    @property
+    def active(self) -> bool:
+        return self.enabled
+
+    def for_pass(self, is_hr_pass: bool) -> StyleSettings:
+        """Settings in force for one pass (hires override applied)."""
+        if not is_hr_pass or self.hires == "same":
+            return self
+        if self.hires == "off":
+            return dataclasses.replace(self, enabled=False)
+        return dataclasses.replace(self, strength=self.hires_strength)
+
+
+_SECTION_CLASSES = {"pag": PagSettings, "colorize": ColorizeSettings, "style": StyleSettings}
 
 
 @dataclass(frozen=True)
 class Settings:
     pag: PagSettings = dataclasses.field(default_factory=PagSettings)
     colorize: ColorizeSettings = dataclasses.field(default_factory=ColorizeSettings)
+    style: StyleSettings = dataclasses.field(default_factory=StyleSettings)
 
     @property
     def any_active(self) -> bool:
-        return self.pag.active or self.colorize.active
+        return self.pag.active or self.colorize.active or self.style.active
 
     # ---- conversions -------------------------------------------------------------------
     def values(self) -> dict[str, Any]:
@@ -515,6 +672,8 @@ def _check_section(section: str, obj: Any) -> None:
         raise FIELD_BY_KEY[f"{section}_end"].error(f"end ({obj.end:g}) must not be below start ({obj.start:g})")
     if section == "colorize" and obj.enabled and not obj.reference:
         raise FIELD_BY_KEY["colorize_reference"].error("reference colorization is on but no colour reference was given")
+    if section == "style" and obj.enabled and not obj.reference:
+        raise FIELD_BY_KEY["style_reference"].error("style reference is on but no style image was given")
 
 
 def _lookup(name: str) -> Field:

@@ -33,8 +33,9 @@ from torch import nn
 from lib_attn import batch as batchmod
 from lib_attn.batch import BatchLayout
 from lib_attn.guidance import pag_delta
-from lib_attn.host import colorize_io
+from lib_attn.host import colorize_io, style_io
 from lib_attn.methods import colorize as col
+from lib_attn.methods import style
 from lib_attn.methods.pag import identity_attention
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import Session, attach, check_settings_against, layer_keys, layer_widths, plan_pass
@@ -66,6 +67,7 @@ class _Step:
     cond_out: torch.Tensor | None = None
     pert_out: torch.Tensor | None = None
     plain_out: torch.Tensor | None = None
+    style_in: dict | None = None  # style: per image x, sigma, conditioning of the feature passes
     feats: dict = dataclasses.field(default_factory=dict)  # colorize: layer path -> {stream: (rows, N, C)}
 
 
@@ -94,6 +96,9 @@ class A1111Session(Session):
         self._prepass: BatchLayout | None = None  # colorize capture call in progress
         self._shared_layers: set[str] = set()
         self.colorize = colorize_io.ColorizeInputs.prepare(p, settings) if settings.colorize.enabled else None
+        self.style = style_io.StyleInputs.prepare(p, settings) if settings.style.enabled else None
+        self.recorder = style.Recorder()
+        self.style_losses: list[list[float]] = []  # per guided step, the loss at each inner iteration
 
     # ---- lifetime -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -105,6 +110,8 @@ class A1111Session(Session):
             check_settings_against(unet, self.settings)
         if self.colorize is not None:
             self.colorize.encode(self.p, _encode)
+        if self.style is not None:
+            self.style.begin(self.p)
         callbacks = (
             (script_callbacks.on_cfg_denoiser, self.on_cfg_denoiser),
             (script_callbacks.on_cfg_denoised, self.on_cfg_denoised),
@@ -123,6 +130,7 @@ class A1111Session(Session):
     def end_pass(self) -> None:
         super().end_pass()
         self._call = None
+        self.recorder.clear()
 
     # ---- passes ---------------------------------------------------------------------------
     def _ensure_pass(self, denoiser: Any) -> None:
@@ -156,6 +164,15 @@ class A1111Session(Session):
             for key_ in self.plan.pag.layers:
                 fn = self._attn1_over_colorize if key_.module_path in self._shared_layers else self._attn1
                 self.patches.wrap_forward(unet.get_submodule(key_.module_path), fn)
+        if self.plan.style is not None:
+            self.recorder = style.Recorder(self.plan.style.tau, self.plan.style.content_weight)
+            for key_ in self.plan.style.layers:
+                self.patches.wrap_forward(
+                    unet.get_submodule(key_.module_path), style.self_attention_wrapper(self.recorder, key_.module_path)
+                )
+            if self.plan.style.checkpoint:
+                for block in style.blocks(unet):
+                    self.patches.wrap_forward(block, style.checkpointed(self.recorder))
         if self.plan.any:
             self.patches.add_handle(unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
 
@@ -172,7 +189,8 @@ class A1111Session(Session):
         if plan.pag is not None:
             pag_scale = plan.pag.scale_at(self.step, self.total_steps, self._timestep(den, params.sigma))
         colorize = plan.colorize is not None and plan.colorize.active_at(self.step, self.total_steps)
-        if pag_scale <= 0 and not colorize:
+        styled = plan.style is not None and plan.style.active_at(self.step, self.total_steps)
+        if pag_scale <= 0 and not colorize and not styled:
             return
         try:
             layout = self._layout(params, den)
@@ -180,6 +198,7 @@ class A1111Session(Session):
             self.fail(e)
             return
         first = list(layout.first_cond)
+        style_in = self._style_inputs(params, layout) if styled else None
         groups: list[tuple[str, list[int], dict]] = []  # name, sources, row tensors
         if pag_scale > 0:
             groups.append(("pag", list(range(layout.n_images)), {}))
@@ -191,8 +210,8 @@ class A1111Session(Session):
             if self._in_batch(params):
                 groups += capture
                 capture = []
-        if not groups:  # only a capture call this step (its rows could not ride along)
-            self._step = _Step(layout.with_groups([]), 0.0, den, colorize)
+        if not groups:  # no rows to insert: a capture call, or style only
+            self._step = _Step(layout.with_groups([]), 0.0, den, colorize, style_in=style_in)
             self._cursor = 0
             if capture:
                 self._run_prepass(den, capture, params.text_uncond)
@@ -216,7 +235,7 @@ class A1111Session(Session):
         tc = params.text_cond
         new_tc = batchmod.insert_rows(tc, at, _cat_conds(rows_tc))
         params.text_cond = _like(tc, new_tc) if isinstance(tc, Mapping) else new_tc
-        self._step = _Step(layout, pag_scale, den, colorize)
+        self._step = _Step(layout, pag_scale, den, colorize, style_in=style_in)
         self._cursor = 0
         if capture:
             self._run_prepass(den, capture, params.text_uncond)
@@ -246,6 +265,11 @@ class A1111Session(Session):
             w = self.plan.colorize.guidance
             delta = delta + col.colorization_guidance(st.plain_out, st.cond_out, w) - st.cond_out
         den = st.denoiser
+        if st.style_in is not None:
+            try:
+                delta = delta + self._style_delta(den, st.style_in, params.x + delta)
+            except Exception as e:  # the host would log and drop it: fail the generation with the cause
+                self.fail(style_io.error_for(e))
         nmask = getattr(den, "nmask", None)
         if (
             getattr(den, "mask", None) is not None
@@ -254,6 +278,68 @@ class A1111Session(Session):
         ):
             delta = delta * nmask  # keep the inpainting blend: no change where the original is kept
         params.x = params.x + delta.to(params.x.dtype)
+
+    # ---- style reference --------------------------------------------------------------------
+    def _style_inputs(self, params: Any, layout: BatchLayout) -> dict:
+        """What the feature passes of this step need, per image: the latent being sampled, its sigma and
+        the unconditional (negative-prompt) conditioning, as the paper's null-prompt feature extractor."""
+        first = list(layout.first_cond)
+        n = layout.n_images
+        ic = params.image_cond
+        has_ic = isinstance(ic, torch.Tensor) and _rows(ic) == layout.n_cond + n
+        return {
+            "x": params.x[first].detach().clone(),
+            "sigma": params.sigma[first].detach().clone(),
+            "text": params.text_uncond,
+            "image_cond": ic[-n:] if has_ic else None,
+        }
+
+    def _style_delta(self, den: Any, inp: dict, out: torch.Tensor) -> torch.Tensor:
+        """The change the style guidance makes to this step's prediction ``out`` (B rows; denoised for
+        k-diffusion samplers, eps for A1111's timestep samplers)."""
+        plan, si = self.plan.style, self.style
+        x, sigma, text, ic = inp["x"], inp["sigma"], inp["text"], inp["image_cond"]
+        n = x.shape[0]
+        ref_of = si.ref_index(n)
+        denoised = _to_denoised(den, x, sigma, out)
+        z_ref = si.latents(self.p, _encode, x.shape, x)
+        target = denoised
+        if plan.adain:
+            target = col.adain(denoised.float(), z_ref[ref_of].float()).to(denoised.dtype)
+        unet = current_unet(den)
+        rec = self.recorder
+        rec.clear()
+        # one capture call (no grad): the references (and the img2img content) noised to this level
+        refs = sorted(set(ref_of))
+        owner = [ref_of.index(r) for r in refs]
+        rows = [("ref", r) for r in refs]
+        xs = [_noised(den, z_ref[refs], si.noise(self.step, z_ref[refs].shape, x), sigma[owner])]
+        if plan.content_weight > 0 and si.content is not None and si.content.shape[-2:] == x.shape[-2:]:
+            rows += [("content", i) for i in range(n)]
+            xs.append(_noised(den, si.content[:n].to(x), si.noise(self.step + 10007, x.shape, x), sigma))
+            owner = owner + list(range(n))
+        rec.capture_rows, rec.ref_of = rows, ref_of
+        with style.builtin_checkpointing_off(unet), torch.inference_mode(False), torch.no_grad():
+            rec.mode = "capture"
+            try:
+                den.inner_model(torch.cat(xs), sigma[owner], cond=self._style_cond(text, ic, owner, x))
+            finally:
+                rec.mode = None
+        cond = self._style_cond(text, ic, list(range(n)), x)
+        with style.builtin_checkpointing_off(unet), style.normal_weights(unet):
+            disp, losses = style.guided_displacement(
+                lambda z: den.inner_model(z, sigma, cond=cond), rec, x, plan.strength, plan.iters
+            )
+        rec.clear()
+        self.style_losses.append(losses)
+        return _from_denoised(den, x, sigma, target + disp) - out
+
+    @staticmethod
+    def _style_cond(text: Any, ic: torch.Tensor | None, rows: list[int], x: torch.Tensor) -> dict:
+        t = batchmod.take_rows(text, rows)
+        if isinstance(text, Mapping):
+            t = _like(text, t)
+        return _condition(t, ic[rows] if ic is not None else None, text, x[:1].expand(len(rows), -1, -1, -1))
 
     # ---- colorization ---------------------------------------------------------------------
     def _in_batch(self, params: Any) -> bool:
@@ -502,13 +588,32 @@ def _condition(text: Any, image_cond: torch.Tensor | None, text_uncond: Any, x: 
 def _noised(den: Any, z: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``z`` brought to the model input of the current step: k-diffusion samplers take ``z + sigma*noise``;
     A1111's timestep samplers (DDIM/PLMS/UniPC) pass timesteps and take ``sqrt(a)*z + sqrt(1-a)*noise``."""
-    inner = getattr(den, "inner_model", None)
-    view = (-1, 1, 1, 1)
-    if hasattr(inner, "sigma_to_t"):
-        return z + noise * sigma.view(view).to(z)
-    model = getattr(inner, "inner_model", None) or shared.sd_model
-    a = model.alphas_cumprod.to(z.device)[sigma.long()].view(view).to(z)
+    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+        return z + noise * sigma.view(-1, 1, 1, 1).to(z)
+    a = _alpha(den, sigma, z)
     return a.sqrt() * z + (1 - a).sqrt() * noise
+
+
+def _alpha(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    inner = getattr(den, "inner_model", None)
+    model = getattr(inner, "inner_model", None) or shared.sd_model
+    return model.alphas_cumprod.to(like.device)[sigma.long()].view(-1, 1, 1, 1).to(like)
+
+
+def _to_denoised(den: Any, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The x0 prediction of a step's output: k-diffusion outputs are x0 already; the timestep samplers' eps
+    gives ``(x - sqrt(1-a) eps) / sqrt(a)``."""
+    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+        return out
+    a = _alpha(den, sigma, x)
+    return (x - (1 - a).sqrt() * out) / a.sqrt()
+
+
+def _from_denoised(den: Any, x: torch.Tensor, sigma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+        return d
+    a = _alpha(den, sigma, x)
+    return (x - a.sqrt() * d) / (1 - a).sqrt()
 
 
 def _encode(p: Any, images: torch.Tensor) -> torch.Tensor:

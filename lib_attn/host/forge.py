@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from modules import script_callbacks
 
-from lib_attn.host import colorize_io
+from lib_attn.host import colorize_io, style_io
 from lib_attn.methods import colorize as col
+from lib_attn.methods import style
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import Session, attach, check_settings_against, get, layer_keys, layer_widths, plan_pass
 from lib_attn.settings import Settings, SettingsError
@@ -97,6 +98,10 @@ class ForgeSession(Session):
         self._feats: dict = {}  # colorize: forge key -> {stream: {source: (q, k, v)}}
         self._feats_sigma: float | None = None
         self._col_params: dict = {}
+        self.style = style_io.StyleInputs.prepare(p, settings) if settings.style.enabled else None
+        self.recorder = style.Recorder()
+        self._style_keys: set = set()
+        self.style_losses: list[list[float]] = []
 
     @contextlib.contextmanager
     def sampling(self):
@@ -107,6 +112,8 @@ class ForgeSession(Session):
         check_settings_against(unet, self.settings)
         if self.colorize is not None:
             self.colorize.encode(self.p, _encode)
+        if self.style is not None:
+            self.style.begin(self.p)
         script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
         try:
             yield self
@@ -122,6 +129,7 @@ class ForgeSession(Session):
         fo = p.sd_model.forge_objects
         if getattr(fo.unet, _CLONE_MARK, None) is self:
             return  # already patched for this pass (Forge calls the hook twice in the hires pass)
+        self.patches.remove()  # block wrappers of the previous pass
         unet_module = getattr(fo.unet.model, "diffusion_model", None)
         if unet_module is None:
             self.fail(_unsupported_error(p))
@@ -138,14 +146,21 @@ class ForgeSession(Session):
         clone = fo.unet.clone()
         setattr(clone, _CLONE_MARK, self)
         clone.set_model_sampler_post_cfg_function(self._post_cfg)
+        self._col_params, self._style_keys = {}, set()
         if self.plan.colorize is not None:
             self._col_params = dict(
                 zip((k.forge_key for k in self.plan.colorize.layers), self.plan.colorize.params, strict=True)
             )
             self._feats, self._feats_sigma = {}, None
-            for key in self._col_params:
-                clone.set_model_patch_replace(self._colorize_patch, "attn1", key[0], key[1], key[2])
             clone.set_model_unet_function_wrapper(self._unet_wrapper)
+        if self.plan.style is not None:
+            self.recorder = style.Recorder(self.plan.style.tau, self.plan.style.content_weight)
+            self._style_keys = {k.forge_key for k in self.plan.style.layers}
+            if self.plan.style.checkpoint:
+                for block in style.blocks(unet_module):
+                    self.patches.wrap_forward(block, style.checkpointed(self.recorder))
+        for key in set(self._col_params) | self._style_keys:
+            clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
         fo.unet = clone
 
     def _post_cfg(self, args: dict) -> Any:
@@ -171,7 +186,66 @@ class ForgeSession(Session):
             plain, _ = calc(model, args["cond"], None, args["input"], sigma, options)
             cond = args["cond_denoised"]
             denoised = denoised + col.colorization_guidance(plain, cond, c.guidance) - cond
+        if plan.style is not None and plan.style.active_at(self.step, self.total_steps):
+            try:
+                denoised = denoised + self._style_delta(args, denoised)
+            except Exception as e:  # the host would log and drop it: fail the generation with the cause
+                self.fail(style_io.error_for(e))
         return denoised
+
+    # ---- style reference ------------------------------------------------------------------
+    def _style_delta(self, args: dict, denoised: Any) -> Any:
+        """AD guidance for this step: a capture call on the noised style images, then the inner gradient
+        steps on the cond-free (negative prompt) prediction's features; the host samples under
+        ``inference_mode``, so every tensor the graph keeps is made outside it."""
+        plan, si, rec = self.plan.style, self.style, self.recorder
+        model = args["model"]
+        conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
+        with torch.inference_mode(False):
+            x, sigma, d = args["input"].clone(), args["sigma"].clone(), denoised.clone()
+            n = x.shape[0]
+            ref_of = si.ref_index(n)
+            z_ref = si.latents(self.p, _encode, x.shape, x).clone()
+            target = col.adain(d.float(), z_ref[ref_of].float()).to(d.dtype) if plan.adain else d
+            refs = sorted(set(ref_of))
+            owner = [ref_of.index(r) for r in refs]
+            rows = [("ref", r) for r in refs]
+            view = (-1, 1, 1, 1)
+            xs = [z_ref[refs] + si.noise(self.step, z_ref[refs].shape, x) * sigma[owner].view(view)]
+            content = si.content
+            if plan.content_weight > 0 and content is not None and content.shape[-2:] == x.shape[-2:]:
+                rows += [("content", i) for i in range(n)]
+                noise = si.noise(self.step + 10007, x.shape, x)
+                xs.append(content[:n].clone().to(x) + noise * sigma.view(view))
+                owner = owner + list(range(n))
+        options = _with_transformer_option(args["model_options"], _MODE, "off")
+        calc = _calc_cond_uncond_batch()
+        unet = model.diffusion_model
+        rec.clear()
+        rec.capture_rows, rec.ref_of = rows, ref_of
+        with torch.inference_mode(False), torch.no_grad():
+            rec.mode = "capture"
+            try:
+                calc(model, conds, None, torch.cat(xs), sigma[owner], options)
+            finally:
+                rec.mode = None
+        with style.normal_weights(unet):
+            disp, losses = style.guided_displacement(
+                lambda z: calc(model, conds, None, z, sigma, options), rec, x, plan.strength, plan.iters
+            )
+        rec.clear()
+        self.style_losses.append(losses)
+        return (target + disp - d).to(denoised.dtype)
+
+    def _attn1_patch(self, q: Any, k: Any, v: Any, extra_options: dict) -> Any:
+        """attn1 replace patch on the colorization and style layers: the style calls first, then colorization."""
+        block = extra_options.get("block")
+        key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
+        if self.recorder.mode is not None and key in self._style_keys:
+            return self.recorder.attend(key, q, k, v, int(extra_options["n_heads"]))
+        if key in self._col_params:
+            return self._colorize_patch(q, k, v, extra_options)
+        return _attention(q, k, v, int(extra_options["n_heads"]))
 
     # ---- colorization ---------------------------------------------------------------------
     def _unet_wrapper(self, apply_model: Any, args: dict) -> Any:

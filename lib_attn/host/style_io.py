@@ -1,0 +1,81 @@
+"""Style reference: the images around sampling (shared by the A1111 and Forge adapters).
+
+* ``prepare`` (in ``Script.process``): the style images are checked against the batch size.
+* ``latents(shape)``: the style images VAE-encoded at the size of the latent being sampled (first pass and
+  hires pass differ), cached per size.
+* ``noise(step, shape)``: the reference is noised with fresh noise at every guided step, as the official
+  pipeline does, drawn from the generation's seed so that a run is reproducible.
+* ``content``: img2img's init latent (the content image of the content loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lib_attn import color
+from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
+
+NOISE_OFFSET = 104729  # the style noise is seeded apart from the sampler's and colorization's
+
+
+@dataclass
+class StyleInputs:
+    references: list[Image.Image]
+    content: torch.Tensor | None = None  # img2img: init latents (B, C, h, w)
+    seed: int = 0
+    _latents: dict = field(default_factory=dict)
+
+    @classmethod
+    def prepare(cls, p: Any, settings: Settings) -> StyleInputs:
+        refs = list(settings.style.reference)
+        batch = int(getattr(p, "batch_size", 1) or 1)
+        if len(refs) not in (1, batch):
+            raise FIELD_BY_KEY["style_reference"].error(
+                f"give one style image for all images or one per image of the batch ({batch}), got {len(refs)}"
+            )
+        return cls(refs)
+
+    def begin(self, p: Any) -> None:
+        """At the start of a sampling call: the content latent (img2img) and this batch's seed."""
+        init = getattr(p, "init_latent", None)
+        self.content = init.detach().clone() if isinstance(init, torch.Tensor) else None
+        seeds = getattr(p, "seeds", None) or getattr(p, "all_seeds", None) or [0]
+        self.seed = int(seeds[0])
+
+    def ref_index(self, n_images: int) -> list[int]:
+        return [0] * n_images if len(self.references) == 1 else list(range(n_images))
+
+    def latents(self, p: Any, encode: Any, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """(R, C, h, w) latents of the style images for latents of ``shape`` (B, C, h, w)."""
+        h, w = int(shape[-2]), int(shape[-1])
+        z = self._latents.get((h, w))
+        if z is None:
+            size = (w * 8, h * 8)
+            imgs = [r.resize(size, Image.Resampling.LANCZOS) for r in self.references]
+            with torch.no_grad():
+                z = encode(p, torch.stack([color.pil_to_tensor(r) for r in imgs]).float()).detach()
+            if z.shape[-2:] != (h, w):  # sizes that are not multiples of 8
+                z = torch.nn.functional.interpolate(z.float(), size=(h, w), mode="bilinear", align_corners=False)
+            self._latents[(h, w)] = z
+        return z.to(like)
+
+    def noise(self, step: int, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed + NOISE_OFFSET + 7919 * int(step)) & 0xFFFFFFFF)
+        return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(like)
+
+
+def error_for(e: Exception) -> Exception:
+    """The message a failure of the guided pass gives the user (the host would log and drop it)."""
+    if isinstance(e, SettingsError):
+        return e
+    text = str(e)
+    if "out of memory" in text.lower():
+        return FIELD_BY_KEY["style_checkpointing"].error(
+            "the guided pass ran out of memory; switch gradient checkpointing on, lower the inner steps, the size "
+            "or the batch"
+        )
+    return RuntimeError(f"Attention Toolkit: style reference failed: {type(e).__name__}: {text}")

@@ -1,0 +1,270 @@
+"""Style reference by Attention Distillation (Zhou, Gao, Chen, Huang, CVPR 2025), as AD-guided sampling.
+
+At a guided step the reference latent, noised to the current level, runs through the UNet once
+(no grad) and leaves the keys and values of the chosen self-attention layers.  Then, for ``iters``
+inner iterations, the current latent ``z`` runs through the UNet with grad and on each chosen layer::
+
+    O      = Attn(Q(z), K(z), V(z))                       the layer's own attention output
+    target = sg[ Attn(tau * Q(z), K_ref, V_ref) ]         the same queries read the reference
+    L_AD   = sum over layers of mean |O - target|          (L1, as the official losses.py)
+    L_c    = sum over layers of mean |Q(z) - sg[Q_content]|  (img2img content preservation)
+    L      = L_AD + lambda * L_c
+
+and one Adam step on ``z`` (a fresh optimizer per guided step, as the official pipeline) lowers
+``L``.  The displacement ``z_final - z`` is added to the step's denoised prediction (the
+"classifier-guidance style" steer of the issue; the official pipeline applies it to the latent
+after the sampler step, see the README for how the strengths compare).
+
+Everything here is pure torch: the hosts call :meth:`Recorder.attend` from their attention hooks
+with projected ``q, k, v`` and run :func:`guided_displacement` with a function that calls their model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from lib_attn import guidance
+from lib_attn.layers import LayerKey, select
+from lib_attn.methods.colorize import default_selector, heads, merge_heads
+
+Tensor = torch.Tensor
+
+CHECKPOINT_MODES = ("auto", "on", "off")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, n_heads: int, q_scale: float = 1.0) -> Tensor:
+    """softmax((q_scale * Q) K^T / sqrt(d)) V per head; (B, N, C) in, (B, N, C) out."""
+    d = q.shape[-1] // n_heads
+    out = F.scaled_dot_product_attention(
+        heads(q, n_heads) * q_scale, heads(k, n_heads), heads(v, n_heads), scale=d**-0.5
+    )
+    return merge_heads(out)
+
+
+def ad_loss(o: Tensor, q: Tensor, k_ref: Tensor, v_ref: Tensor, n_heads: int, tau: float = 1.0) -> Tensor:
+    """Attention-distillation L1 between ``o`` (the layer's own output, B x N x C) and the detached output
+    of the same queries on the reference's keys and values (B x M x C)."""
+    with torch.no_grad():
+        target = attention(q.detach(), k_ref, v_ref, n_heads, tau)
+    return F.l1_loss(o.float(), target.float())
+
+
+def content_loss(q: Tensor, q_content: Tensor) -> Tensor:
+    """L1 between the current queries and the (detached) content image's queries."""
+    return F.l1_loss(q.float(), q_content.detach().float())
+
+
+@dataclass
+class Recorder:
+    """The state the attention hooks of one guided step share (one per generation, reset per step).
+
+    ``mode``: None (hooks stay out of the way), ``"capture"`` (reference/content rows: keep K, V and Q)
+    or ``"guided"`` (compute the loss terms).  ``ref_of[i]``: the reference of guided row i;
+    ``capture_rows``: what each row of the capture call is, ``("ref", r)`` or ``("content", i)``.
+    """
+
+    tau: float = 1.0
+    content_weight: float = 0.0
+    mode: str | None = None
+    ref_of: Sequence[int] = ()
+    capture_rows: Sequence[tuple[str, int]] = ()
+    refs: dict = field(default_factory=dict)  # layer -> {r: (k, v)}
+    content: dict = field(default_factory=dict)  # layer -> {i: q}
+    terms: list = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.mode = None
+        self.refs, self.content, self.terms = {}, {}, []
+
+    def attend(self, layer: object, q: Tensor, k: Tensor, v: Tensor, n_heads: int) -> Tensor:
+        """Attention output (before ``to_out``) of a chosen self-attention layer, recording as the mode says."""
+        o = attention(q, k, v, n_heads)
+        if self.mode == "capture":
+            for row, (what, idx) in enumerate(self.capture_rows):
+                if what == "ref":
+                    self.refs.setdefault(layer, {})[idx] = (k[row].detach(), v[row].detach())
+                else:
+                    self.content.setdefault(layer, {})[idx] = q[row].detach()
+        elif self.mode == "guided":
+            refs = self.refs.get(layer)
+            if not refs:
+                raise RuntimeError(f"Attention Toolkit: style reference features missing at {layer}")
+            owners = [self.ref_of[r % len(self.ref_of)] for r in range(q.shape[0])]
+            k_ref = torch.stack([refs[r][0] for r in owners]).to(q)
+            v_ref = torch.stack([refs[r][1] for r in owners]).to(q)
+            loss = ad_loss(o, q, k_ref, v_ref, n_heads, self.tau)
+            contents = self.content.get(layer)
+            if self.content_weight > 0 and contents:
+                q_c = torch.stack([contents[r % len(contents)] for r in range(q.shape[0])]).to(q)
+                loss = loss + self.content_weight * content_loss(q, q_c)
+            self.terms.append(loss)
+        return o
+
+    def loss(self) -> Tensor | None:
+        return torch.stack(self.terms).sum() if self.terms else None
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Grad on for the guided pass, inside the host's ``no_grad`` (A1111) or ``inference_mode`` (Forge);
+    the caller's modes are back when the block ends, however it ends."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@contextlib.contextmanager
+def builtin_checkpointing_off(root: nn.Module) -> Iterator[None]:
+    """ldm/sgm blocks built with ``use_checkpoint``/``checkpoint`` (SD2 and SDXL configs) route through their
+    own CheckpointFunction when grad is on; its backward asks for the grads of the frozen weights and fails.
+    Switch the flags off on the instances for the guided pass and put them back."""
+    saved = []
+    for m in root.modules():
+        for attr in ("use_checkpoint", "checkpoint"):
+            if isinstance(m.__dict__.get(attr), bool) and m.__dict__[attr]:
+                saved.append((m, attr))
+                m.__dict__[attr] = False
+    try:
+        yield
+    finally:
+        for m, attr in saved:
+            m.__dict__[attr] = True
+
+
+@contextlib.contextmanager
+def normal_weights(root: nn.Module) -> Iterator[int]:
+    """Forge loads weights under ``inference_mode``: autograd cannot save inference tensors for backward.
+    Give the modules ordinary copies of those parameters and buffers for the guided pass (transient: the
+    copies are dropped when the block ends).  Yields how many tensors were copied (0 on A1111)."""
+    swapped = []
+    with torch.inference_mode(False):
+        for m in root.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in list(store.items()):
+                    if t is not None and t.is_inference():
+                        copy = t.clone()
+                        store[name] = nn.Parameter(copy, requires_grad=False) if store is m._parameters else copy
+                        swapped.append((store, name, t))
+    try:
+        yield len(swapped)
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
+
+
+def blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's top-level blocks (the units of gradient checkpointing)."""
+    out: list[nn.Module] = []
+    for name in ("input_blocks", "middle_block", "output_blocks"):
+        part = getattr(unet, name, None)
+        if isinstance(part, nn.ModuleList):
+            out += list(part)
+        elif isinstance(part, nn.Module):
+            out.append(part)
+    return out
+
+
+def checkpointed(recorder: Recorder) -> Callable[..., object]:
+    """A forward wrapper (registry form) that checkpoints a block while ``recorder`` is in the guided pass."""
+
+    def wrapper(module: nn.Module, call_next: Callable[..., object], *args: object, **kwargs: object) -> object:
+        if recorder.mode != "guided" or not torch.is_grad_enabled():
+            return call_next(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(call_next, *args, use_reentrant=False, **kwargs)
+
+    return wrapper
+
+
+def self_attention_wrapper(recorder: Recorder, layer: object) -> Callable[..., object]:
+    """A forward wrapper (registry form) for an ldm/sgm ``CrossAttention`` used as self-attention: out of the
+    style calls it runs the host's attention; in them it projects q, k, v and lets ``recorder`` attend."""
+
+    def wrapper(module: nn.Module, call_next: Callable[..., object], *args: object, **kwargs: object) -> object:
+        if recorder.mode is None:
+            return call_next(*args, **kwargs)
+        x = args[0]
+        context = kwargs.get("context", args[1] if len(args) > 1 else None)
+        src = x if context is None else context
+        q, k, v = module.to_q(x), module.to_k(src), module.to_v(src)
+        return module.to_out(recorder.attend(layer, q, k, v, module.heads))
+
+    return wrapper
+
+
+def guided_displacement(
+    forward: Callable[[Tensor], object], recorder: Recorder, x: Tensor, lr: float, iters: int
+) -> tuple[Tensor, list[float]]:
+    """Run ``iters`` Adam steps of lr ``lr`` on a copy of ``x`` against ``recorder``'s loss; ``forward(z)`` runs the
+    model on ``z`` with the recorder in ``"guided"`` mode.  Returns ``(z - x, losses)`` with the displacement
+    detached and the graph freed; grad mode and the recorder's mode are restored."""
+    losses: list[float] = []
+    with grad_enabled():
+        z = x.detach().clone().float().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=lr)
+        for _ in range(iters):
+            opt.zero_grad(set_to_none=True)
+            recorder.terms = []
+            recorder.mode = "guided"
+            try:
+                forward(z.to(x.dtype))
+            finally:
+                recorder.mode = None
+            loss = recorder.loss()
+            if loss is None:
+                raise RuntimeError("Attention Toolkit: the style layers were not reached by the model call")
+            # the gradient of the latent only: nothing accumulates on the model's parameters
+            (grad,) = torch.autograd.grad(loss, z)
+            z.grad = grad
+            recorder.terms = []
+            losses.append(float(loss.detach()))
+            del loss, grad
+            opt.step()
+        delta = (z.detach() - x.detach().float()).to(x.dtype)
+    return delta, losses
+
+
+@dataclass(frozen=True)
+class StylePlan:
+    """Style reference for one sampling pass (hires override applied)."""
+
+    strength: float
+    iters: int
+    start: float
+    end: float
+    layers: tuple[LayerKey, ...]
+    tau: float
+    content_weight: float
+    adain: bool
+    checkpoint: bool
+
+    def active_at(self, step: int, total: int) -> bool:
+        return guidance.in_interval(guidance.step_fraction(step, total), self.start, self.end)
+
+
+def build_plan(
+    *,
+    strength: float,
+    iters: int,
+    start: float,
+    end: float,
+    selector: str,
+    available: Sequence[LayerKey],
+    tau: float,
+    content_weight: float,
+    adain: bool,
+    checkpoint: str,
+) -> StylePlan | None:
+    """None when the settings leave nothing to do; raises LayerSelectorError for a bad selector."""
+    if strength <= 0 or iters <= 0:
+        return None
+    sel = default_selector(available) if selector.strip().lower() in ("", "auto") else selector
+    layers = tuple(select(sel, available, attn="attn1"))
+    sdxl_like = any(k.index > 0 for k in available)  # SDXL: several transformer blocks per attention block
+    ck = checkpoint == "on" or (checkpoint == "auto" and sdxl_like)
+    return StylePlan(strength, iters, start, end, layers, tau, content_weight, adain, ck)
