@@ -79,7 +79,7 @@ class Field:
         if self.kind == "bool":
             return "True" if value else "False"
         if self.kind == "float":
-            return f"{value:g}"
+            return f"{value:.10g}"  # ten digits: what an API caller types survives the round trip
         if self.kind == "image":
             return image_digest(value)
         return str(value)

@@ -99,8 +99,28 @@ def test_colorize_infotext_pastes_back_in_img2img(host):
     script = host.script(True)
     pasted = {c.elem_id: t(params) for c, t in script.infotext_fields}
     # the reference image control keeps its upload (infotext only records its digest)
-    keep = {c.elem_id: (ref if f.kind == "image" else f.default) for c, f in zip(script.controls, S.FIELDS,
-                                                                                    strict=True)}
+    keep = {c.elem_id: (ref if f.key == "colorize_reference" else f.default)
+            for c, f in zip(script.controls, S.FIELDS, strict=True)}
+    values = [pasted.get(c.elem_id, keep[c.elem_id]) for c in script.controls]
+    assert S.from_args(values) == settings
+
+
+def test_style_infotext_pastes_back_in_txt2img(host):
+    from PIL import Image
+
+    ref = Image.new("RGB", (32, 32), (20, 140, 210))
+    custom = {"style_enabled": True, "style_reference": ref, "style_strength": 0.03, "style_iters": 1,
+              "style_start": 0.2, "style_end": 0.8, "style_layers": "output.9, output.10", "style_content_weight": 0.5,
+              "style_adain": False, "style_temperature": 1.2, "style_checkpointing": "on", "style_hires": "own",
+              "style_hires_strength": 0.02}
+    settings = S.defaults().with_values(custom)
+    out = host.txt2img(**BASE, script_args=settings.to_args())
+    params = host.modules.infotext_utils.parse_generation_parameters(out.infotexts[0])
+    assert params["Style reference"] == S.image_digest((ref,))
+    script = host.script(False)
+    pasted = {c.elem_id: t(params) for c, t in script.infotext_fields}
+    keep = {c.elem_id: (ref if f.key == "style_reference" else f.default)
+            for c, f in zip(script.controls, S.FIELDS, strict=True)}
     values = [pasted.get(c.elem_id, keep[c.elem_id]) for c in script.controls]
     assert S.from_args(values) == settings
 

@@ -36,6 +36,19 @@ EXAMPLE_ALL = {
     "colorize_beta_coarse": 0.1,
     "colorize_adain": False,
     "colorize_match_colors": False,
+    "style_enabled": True,
+    "style_reference": (REF,),
+    "style_strength": 0.02,
+    "style_iters": 3,
+    "style_start": 0.1,
+    "style_end": 0.7,
+    "style_layers": "output.10",
+    "style_content_weight": 0.5,
+    "style_adain": False,
+    "style_temperature": 1.5,
+    "style_checkpointing": "on",
+    "style_hires": "own",
+    "style_hires_strength": 0.01,
 }
 
 
@@ -87,7 +100,7 @@ def test_infotext_round_trip():
     assert set(text) == {f.infotext for f in S.FIELDS if f.name != "enabled"}
     assert text["Colorize reference"] == S.image_digest((REF,))  # an image is recorded by its digest
     # the reference image control keeps its upload when infotext is pasted
-    back = S.defaults().with_values({**S.from_infotext(text), "colorize_reference": (REF,)})
+    back = S.defaults().with_values({**S.from_infotext(text), "colorize_reference": (REF,), "style_reference": (REF,)})
     assert back == s
     for f in S.FIELDS:
         if f.kind != "image":

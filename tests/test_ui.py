@@ -172,7 +172,8 @@ def _non_default_settings() -> S.Settings:
         if f.kind == "bool":
             values[f.key] = not f.default if f.name != "enabled" else True
         elif f.kind == "float":
-            values[f.key] = f.default + f.step if f.default + f.step <= f.maximum else f.default - f.step
+            v = f.default + f.step if f.default + f.step <= f.maximum else f.default - f.step
+            values[f.key] = round(v, 6)  # a value a slider gives (0.1 + 0.005 is not the float 0.105)
         elif f.kind == "int":
             values[f.key] = f.default + 1 if f.default + 1 <= f.maximum else f.default - 1
         elif f.kind == "choice":

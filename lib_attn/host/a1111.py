@@ -265,7 +265,7 @@ class A1111Session(Session):
             w = self.plan.colorize.guidance
             delta = delta + col.colorization_guidance(st.plain_out, st.cond_out, w) - st.cond_out
         den = st.denoiser
-        if st.style_in is not None:
+        if st.style_in is not None and self.error is None:  # after a failure the generation fails anyway
             try:
                 delta = delta + self._style_delta(den, st.style_in, params.x + delta)
             except Exception as e:  # the host would log and drop it: fail the generation with the cause
@@ -310,29 +310,26 @@ class A1111Session(Session):
         rec = self.recorder
         rec.clear()
         # one capture call (no grad): the references (and the img2img content) noised to this level
-        refs = sorted(set(ref_of))
-        owner = [ref_of.index(r) for r in refs]
-        rows = [("ref", r) for r in refs]
-        xs = [_noised(den, z_ref[refs], si.noise(self.step, z_ref[refs].shape, x), sigma[owner])]
-        if plan.content_weight > 0 and si.content is not None and si.content.shape[-2:] == x.shape[-2:]:
-            rows += [("content", i) for i in range(n)]
-            xs.append(_noised(den, si.content[:n].to(x), si.noise(self.step + 10007, x.shape, x), sigma))
-            owner = owner + list(range(n))
+        rows, clean, noise, owner, ref_of = si.capture_batch(self.p, _encode, x, self.step, plan.content_weight > 0)
+        x_cap = _noised(den, clean, noise, sigma[owner])
         rec.capture_rows, rec.ref_of = rows, ref_of
         with style.builtin_checkpointing_off(unet), torch.inference_mode(False), torch.no_grad():
             rec.mode = "capture"
             try:
-                den.inner_model(torch.cat(xs), sigma[owner], cond=self._style_cond(text, ic, owner, x))
+                den.inner_model(x_cap, sigma[owner], cond=self._style_cond(text, ic, owner, x))
             finally:
                 rec.mode = None
         cond = self._style_cond(text, ic, list(range(n)), x)
+        # the inner steps start from the latent of the (AdaIN-matched) prediction at this noise level
+        c = _x_per_denoised(den, sigma, x)
+        start = x + c * (target - denoised)
         with style.builtin_checkpointing_off(unet), style.normal_weights(unet):
             disp, losses = style.guided_displacement(
-                lambda z: den.inner_model(z, sigma, cond=cond), rec, x, plan.strength, plan.iters
+                lambda z: den.inner_model(z, sigma, cond=cond), rec, start, plan.strength, plan.iters
             )
         rec.clear()
         self.style_losses.append(losses)
-        return _from_denoised(den, x, sigma, target + disp) - out
+        return _from_denoised(den, x, sigma, target + disp / c) - out
 
     @staticmethod
     def _style_cond(text: Any, ic: torch.Tensor | None, rows: list[int], x: torch.Tensor) -> dict:
@@ -598,6 +595,14 @@ def _alpha(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     inner = getattr(den, "inner_model", None)
     model = getattr(inner, "inner_model", None) or shared.sd_model
     return model.alphas_cumprod.to(like.device)[sigma.long()].view(-1, 1, 1, 1).to(like)
+
+
+def _x_per_denoised(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    """How much the model input moves per unit of the x0 prediction at a fixed noise: 1 for k-diffusion
+    (``x = x0 + sigma * eps``), ``sqrt(a)`` for the timestep samplers (``x = sqrt(a) x0 + sqrt(1-a) eps``)."""
+    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+        return 1.0
+    return _alpha(den, sigma, like).sqrt()
 
 
 def _to_denoised(den: Any, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

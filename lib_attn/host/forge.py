@@ -186,7 +186,7 @@ class ForgeSession(Session):
             plain, _ = calc(model, args["cond"], None, args["input"], sigma, options)
             cond = args["cond_denoised"]
             denoised = denoised + col.colorization_guidance(plain, cond, c.guidance) - cond
-        if plan.style is not None and plan.style.active_at(self.step, self.total_steps):
+        if plan.style is not None and self.error is None and plan.style.active_at(self.step, self.total_steps):
             try:
                 denoised = denoised + self._style_delta(args, denoised)
             except Exception as e:  # the host would log and drop it: fail the generation with the cause
@@ -207,17 +207,8 @@ class ForgeSession(Session):
             ref_of = si.ref_index(n)
             z_ref = si.latents(self.p, _encode, x.shape, x).clone()
             target = col.adain(d.float(), z_ref[ref_of].float()).to(d.dtype) if plan.adain else d
-            refs = sorted(set(ref_of))
-            owner = [ref_of.index(r) for r in refs]
-            rows = [("ref", r) for r in refs]
-            view = (-1, 1, 1, 1)
-            xs = [z_ref[refs] + si.noise(self.step, z_ref[refs].shape, x) * sigma[owner].view(view)]
-            content = si.content
-            if plan.content_weight > 0 and content is not None and content.shape[-2:] == x.shape[-2:]:
-                rows += [("content", i) for i in range(n)]
-                noise = si.noise(self.step + 10007, x.shape, x)
-                xs.append(content[:n].clone().to(x) + noise * sigma.view(view))
-                owner = owner + list(range(n))
+            rows, clean, noise, owner, ref_of = si.capture_batch(self.p, _encode, x, self.step, plan.content_weight > 0)
+            x_cap = clean + noise * sigma[owner].view(-1, 1, 1, 1)
         options = _with_transformer_option(args["model_options"], _MODE, "off")
         calc = _calc_cond_uncond_batch()
         unet = model.diffusion_model
@@ -226,12 +217,14 @@ class ForgeSession(Session):
         with torch.inference_mode(False), torch.no_grad():
             rec.mode = "capture"
             try:
-                calc(model, conds, None, torch.cat(xs), sigma[owner], options)
+                calc(model, conds, None, x_cap, sigma[owner], options)
             finally:
                 rec.mode = None
+        with torch.inference_mode(False):
+            start = x + (target - d)  # the latent of the (AdaIN-matched) prediction at this noise level
         with style.normal_weights(unet):
             disp, losses = style.guided_displacement(
-                lambda z: calc(model, conds, None, z, sigma, options), rec, x, plan.strength, plan.iters
+                lambda z: calc(model, conds, None, z, sigma, options), rec, start, plan.strength, plan.iters
             )
         rec.clear()
         self.style_losses.append(losses)

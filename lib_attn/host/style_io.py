@@ -26,7 +26,7 @@ NOISE_OFFSET = 104729  # the style noise is seeded apart from the sampler's and 
 class StyleInputs:
     references: list[Image.Image]
     content: torch.Tensor | None = None  # img2img: init latents (B, C, h, w)
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])
     _latents: dict = field(default_factory=dict)
 
     @classmethod
@@ -43,8 +43,7 @@ class StyleInputs:
         """At the start of a sampling call: the content latent (img2img) and this batch's seed."""
         init = getattr(p, "init_latent", None)
         self.content = init.detach().clone() if isinstance(init, torch.Tensor) else None
-        seeds = getattr(p, "seeds", None) or getattr(p, "all_seeds", None) or [0]
-        self.seed = int(seeds[0])
+        self.seeds = [int(x) for x in (getattr(p, "seeds", None) or getattr(p, "all_seeds", None) or [0])]
 
     def ref_index(self, n_images: int) -> list[int]:
         return [0] * n_images if len(self.references) == 1 else list(range(n_images))
@@ -63,10 +62,34 @@ class StyleInputs:
             self._latents[(h, w)] = z
         return z.to(like)
 
-    def noise(self, step: int, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-        g = torch.Generator().manual_seed((self.seed + NOISE_OFFSET + 7919 * int(step)) & 0xFFFFFFFF)
-        return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(like)
+    def noise(self, step: int, owners: list[int], shape: torch.Size, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
+        """Noise for capture rows, one per entry of ``owners`` (the batch image whose seed it follows, so an
+        image's result does not depend on the batch it is in); fresh at every step."""
+        rows = []
+        for o in owners:
+            seed = self.seeds[o] if o < len(self.seeds) else self.seeds[0] + o
+            g = torch.Generator().manual_seed((seed + NOISE_OFFSET + salt + 7919 * int(step)) & 0xFFFFFFFF)
+            rows.append(torch.randn(tuple(shape[-3:]), generator=g, dtype=torch.float32))
+        return torch.stack(rows).to(like)
 
+    def capture_batch(self, p: Any, encode: Any, x: torch.Tensor, step: int, content: bool) -> tuple:
+        """Rows of the capture call for latents ``x`` (B, C, h, w): the style images (one per distinct reference,
+        owned by its first image) and, with ``content``, img2img's init latents.  Returns ``(rows, clean latents,
+        noise, owner image per row, ref_of)``; the caller noises them the host's way."""
+        n = x.shape[0]
+        ref_of = self.ref_index(n)
+        z_ref = self.latents(p, encode, x.shape, x)
+        refs = sorted(set(ref_of))
+        owner = [ref_of.index(r) for r in refs]
+        rows = [("ref", r) for r in refs]
+        clean = [z_ref[refs]]
+        noise = [self.noise(step, owner, x.shape, x)]
+        if content and self.content is not None and self.content.shape[-2:] == x.shape[-2:]:
+            rows += [("content", i) for i in range(n)]
+            clean.append(self.content[:n].to(x))
+            noise.append(self.noise(step, list(range(n)), x.shape, x, salt=10007))
+            owner = owner + list(range(n))
+        return rows, torch.cat(clean), torch.cat(noise), owner, ref_of
 
 def error_for(e: Exception) -> Exception:
     """The message a failure of the guided pass gives the user (the host would log and drop it)."""

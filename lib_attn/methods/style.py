@@ -6,7 +6,7 @@ inner iterations, the current latent ``z`` runs through the UNet with grad and o
 
     O      = Attn(Q(z), K(z), V(z))                       the layer's own attention output
     target = sg[ Attn(tau * Q(z), K_ref, V_ref) ]         the same queries read the reference
-    L_AD   = sum over layers of mean |O - target|          (L1, as the official losses.py)
+    L_AD   = sum over layers of mean |O - target|          (L1, as the official losses.py; per image)
     L_c    = sum over layers of mean |Q(z) - sg[Q_content]|  (img2img content preservation)
     L      = L_AD + lambda * L_c
 
@@ -53,12 +53,19 @@ def ad_loss(o: Tensor, q: Tensor, k_ref: Tensor, v_ref: Tensor, n_heads: int, ta
     of the same queries on the reference's keys and values (B x M x C)."""
     with torch.no_grad():
         target = attention(q.detach(), k_ref, v_ref, n_heads, tau)
-    return F.l1_loss(o.float(), target.float())
+    return l1_per_image(o, target)
+
+
+def l1_per_image(a: Tensor, b: Tensor) -> Tensor:
+    """Mean absolute difference per image (row), summed over the rows: one image's gradient does not
+    depend on the batch it is in."""
+    dt = torch.promote_types(a.dtype, torch.float32)  # fp16/bf16 hosts: the loss in float32
+    return (a.to(dt) - b.detach().to(dt)).abs().flatten(1).mean(1).sum()
 
 
 def content_loss(q: Tensor, q_content: Tensor) -> Tensor:
     """L1 between the current queries and the (detached) content image's queries."""
-    return F.l1_loss(q.float(), q_content.detach().float())
+    return l1_per_image(q, q_content)
 
 
 @dataclass
@@ -176,7 +183,17 @@ def checkpointed(recorder: Recorder) -> Callable[..., object]:
     def wrapper(module: nn.Module, call_next: Callable[..., object], *args: object, **kwargs: object) -> object:
         if recorder.mode != "guided" or not torch.is_grad_enabled():
             return call_next(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(call_next, *args, use_reentrant=False, **kwargs)
+
+        def run(*a: object, **kw: object) -> object:
+            # the recomputation in backward runs after the guided call returned: replay it in the guided mode
+            saved = recorder.mode
+            recorder.mode = "guided"
+            try:
+                return call_next(*a, **kw)
+            finally:
+                recorder.mode = saved
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     return wrapper
 
