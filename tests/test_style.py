@@ -36,7 +36,7 @@ def style_args(reference, **kw):
 # ---------------------------------------------------------------------------------------------
 def explicit_attention(q, k, v, h, tau=1.0):
     """softmax(tau q k^T / sqrt(d)) v, head by head, with an explicit softmax."""
-    b, n, c = q.shape
+    b, _n, c = q.shape
     d = c // h
     out = torch.empty_like(q)
     for row in range(b):

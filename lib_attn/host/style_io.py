@@ -91,6 +91,7 @@ class StyleInputs:
             owner = owner + list(range(n))
         return rows, torch.cat(clean), torch.cat(noise), owner, ref_of
 
+
 def error_for(e: Exception) -> Exception:
     """The message a failure of the guided pass gives the user (the host would log and drop it)."""
     if isinstance(e, SettingsError):
