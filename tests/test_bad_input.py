@@ -40,6 +40,10 @@ def pag(**kw):
     return ("txt2img", [{"pag": kw}])
 
 
+def style(ref, **kw):
+    return ("txt2img", [{"style": {"reference": ref, **kw}}])
+
+
 # (id, (tab, args), fragment of the message that must name the field)
 TABLE = [
     ("scale-text", pag(scale="strong"), "PAG scale (pag.scale): expected a number"),
@@ -85,6 +89,18 @@ TABLE = [
     ("reference-list-item", colorize([GOOD, "%%%"]), "(colorize.reference): image 1: not valid base64"),
     ("reference-count", ("img2img", [{"colorize": {"reference": [GOOD, GOOD, GOOD]}}]),
      "(colorize.reference): give one reference for all images or one per image of the batch (1), got 3"),
+    ("style-reference-missing", ("txt2img", [{"style": {}}]),
+     "Style image (style.reference): style reference is on but no style image was given"),
+    ("style-reference-bad-base64", style("data:image/png;base64,%%%"), "(style.reference): not valid base64"),
+    ("style-reference-count", ("txt2img", [{"style": {"reference": [GOOD, GOOD, GOOD]}}]),
+     "(style.reference): give one style image for all images or one per image of the batch (1), got 3"),
+    ("style-iters-zero", style(GOOD, iters=0), "(style.iters): 0 is out of range"),
+    ("style-iters-fraction", style(GOOD, iters=2.5), "(style.iters): expected a whole number"),
+    ("style-strength-nan", style(GOOD, strength="nan"), "Strength (style.strength): expected a finite number"),
+    ("style-layers", style(GOOD, layers="middle.7"), "(style.layers): 'middle.7' matched no layer"),
+    ("style-checkpointing", style(GOOD, checkpointing="sometimes"),
+     "(style.checkpointing): expected one of auto, on, off"),
+    ("style-content-weight", style(GOOD, content_weight=-0.5), "(style.content_weight): -0.5 is out of range"),
 ]
 
 

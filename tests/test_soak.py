@@ -1,4 +1,4 @@
-"""Soak: many generations with random PAG and reference-colorization settings, batch sizes, sizes, samplers, hires on/off, exceptions
+"""Soak: many generations with random PAG, reference-colorization and style-reference settings, batch sizes, sizes, samplers, hires on/off, exceptions
 injected inside the UNet and interrupts at random steps, on the A1111 double.  After every generation nothing of
 ours is left on the model or in the callback lists; afterwards a reference generation equals a fresh host's, and
 the process's memory has not grown.
@@ -54,7 +54,18 @@ def random_settings(rng: random.Random) -> list:
         "pag_hires": rng.choice(S.HIRES_MODES),
         "pag_hires_scale": rng.choice([0.0, 2.0]),
     }
+    if rng.random() < 0.25:
+        values.update({f"style_{k}": v for k, v in random_style(rng).items()}, style_enabled=True)
     return S.defaults().with_values(values).to_args()
+
+
+def random_style(rng: random.Random) -> dict:
+    from PIL import Image
+
+    ref = Image.new("RGB", (rng.choice([48, 64]), 56), tuple(rng.randrange(256) for _ in "rgb"))
+    return {"reference": ref, "strength": rng.choice([0.05, 0.2]), "iters": 1, "adain": rng.random() < 0.5,
+            "layers": rng.choice(["auto", "output.9", "middle"]), "checkpointing": rng.choice(["auto", "on"]),
+            "start": rng.choice([0.0, 0.5]), "hires": rng.choice(S.HIRES_MODES)}
 
 
 def random_colorize(rng: random.Random, batch: int) -> dict:
@@ -108,6 +119,7 @@ def test_soak_random_generations():
                 kw.update(enable_hr=True, hr_scale=1.5, hr_upscaler=rng.choice(["Latent", "Lanczos"]),
                           denoising_strength=0.5)
             fault = rng.random()
+            fault = 0.05 if i % 8 == 3 else 0.15 if i % 8 == 6 else fault  # every kind of fault comes up
             handle = None
             if fault < 0.1:
                 calls = {"n": 0, "at": rng.randint(1, 4)}
@@ -128,6 +140,8 @@ def test_soak_random_generations():
                     named = random_colorize(rng, kw["batch_size"])
                     if rng.random() < 0.5:
                         named["pag"] = {"scale": 2.0}
+                    if rng.random() < 0.2:
+                        named["style"] = random_style(rng)
                     kw.pop("enable_hr", None), kw.pop("hr_scale", None), kw.pop("hr_upscaler", None)
                     kw.update(script_args=[named], denoising_strength=0.6,
                               init_images=[Image.new("RGB", (rng.choice([64, 100]), 80), (90, 90, 90))])
