@@ -1,6 +1,6 @@
 """Benchmarks: cost of each method against plain sampling, measured in the same run.
 
-    .venv/bin/python tests/bench/run.py pag|colorize [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
+    .venv/bin/python tests/bench/run.py pag|colorize|style [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
 
 ``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
 ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
@@ -10,6 +10,11 @@ full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent)
 
 ``colorize`` times whole img2img generations with reference colorization against plain img2img (same steps,
 CFG 1, interleaved) and prints ``ratio colorize_vs_img2img <value>`` last.
+
+``style`` times the sampling loop per step, plain (CFG) against style-guided steps with 1, 2 (the default) and 3
+inner iterations, and the peak resident memory of each run above the process's level before it (Linux
+``VmHWM``, reset between runs); ``ratio style_vs_plain_guided_step <value>`` (default settings) is last.
+``--checkpointing on|off|auto`` picks the gradient checkpointing of the guided pass.
 """
 
 from __future__ import annotations
@@ -135,7 +140,75 @@ def bench_colorize(args: argparse.Namespace) -> float:
     return ratios["wall"]
 
 
-BENCHES = {"pag": bench_pag, "colorize": bench_colorize}
+def _reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark of this process (Linux clear_refs) and return the current RSS in MB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_style(args: argparse.Namespace) -> float:
+    import gc
+
+    import gradio
+    from PIL import Image
+
+    kind, size = SIZES[args.size]
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ref = Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / "lion.jpg").convert("RGB")
+    default_iters = S.FIELD_BY_KEY["style_iters"].default
+    variants = {"plain": S.defaults().to_args()}
+    for n in sorted({1, default_iters, 3}):
+        variants[f"style iters {n}"] = [{"style": {"reference": ref, "iters": n, "checkpointing": args.checkpointing}}]
+    with a1111_host(kind) as h:
+        h.load_script(SCRIPT)
+        times, restore = _timed_sampling(h)
+        base = dict(prompt="a photo of a cat", negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0,
+                    width=size, height=size, batch_size=args.batch, sampler_name="Euler")
+        got: dict[str, list] = {k: [] for k in variants}
+        peaks: dict[str, float] = {}
+        try:
+            for script_args in variants.values():  # warm-up
+                h.txt2img(**base, script_args=script_args)
+            for name, script_args in variants.items():  # peak memory, one run each
+                gc.collect()
+                before = _reset_peak_rss()
+                h.txt2img(**base, script_args=script_args)
+                peaks[name] = _status_mb("VmHWM") - before
+            for _ in range(args.repeat):
+                for name, script_args in variants.items():
+                    h.txt2img(**base, script_args=script_args)
+                    got[name].append(times[-1])
+        finally:
+            restore()
+    print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, CFG 5, "
+          f"torch threads {torch.get_num_threads()}, checkpointing {args.checkpointing}; fp32 on the CPU)")
+    plain = statistics.median(t[0] for t in got["plain"]) / args.steps
+    ratio = float("nan")
+    for name in variants:
+        step = statistics.median(t[0] for t in got[name]) / args.steps
+        print(f"{name:15s} step {step * 1000:9.2f} ms   x{step / plain:6.2f}   peak RSS above start {peaks[name]:8.1f} MB")
+        if name == f"style iters {default_iters}":
+            ratio = step / plain
+    for name in variants:
+        if name != "plain":
+            step = statistics.median(t[0] for t in got[name]) / args.steps
+            print(f"ratio {name.replace(' ', '_')}_vs_plain_step {step / plain:.3f}")
+    print(f"ratio style_vs_plain_guided_step {ratio:.3f}")
+    return ratio
+
+
+BENCHES = {"pag": bench_pag, "colorize": bench_colorize, "style": bench_style}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto", help="style: checkpointing")
     args = ap.parse_args(argv)
     BENCHES[args.method](args)
 
