@@ -227,6 +227,42 @@ def test_reference_colorization_in_img2img():
     assert status >= 400 and "works in img2img" in json.dumps(err)
 
 
+def test_style_reference():
+    """Style reference through the API: txt2img (the image changes, infotext records it, a plain run afterwards is
+    identical to one before), img2img with the content loss, hires fix with the style in both passes, an XYZ axis
+    on its strength with the style image given to the AlwaysOn script, and a bad style request."""
+    plain = pixels(ok(txt2img())["images"][0])
+    style = {"reference": "data:image/png;base64," + encode(_photo("lion.jpg", (96, 96))), "iters": 1}
+    body = ok(txt2img([{"style": style}]))
+    assert not np.array_equal(pixels(body["images"][0]), plain)
+    assert "Style strength: 0.1" in infotext(body) and "Style iters: 1" in infotext(body)
+    assert np.array_equal(pixels(ok(txt2img())["images"][0]), plain)
+    init = encode(_photo("cheetah1.jpg", (SIZE, SIZE)))
+    i2i = {**BASE, "init_images": [init], "denoising_strength": 0.6}
+    a = ok(call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [{"style": {**style,
+                                                                                          "content_weight": 0}}]}}}))
+    b = ok(call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [{"style": {**style,
+                                                                                          "content_weight": 2}}]}}}))
+    assert not np.array_equal(pixels(a["images"][0]), pixels(b["images"][0]))
+    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2,
+              hr_additional_modules=["Use same choices"])
+    assert "Style hires: same" in infotext(ok(txt2img([{"style": {**style, "hires": "same"}}], **hr)))
+    info = ok(call("/sdapi/v1/script-info"))
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    axis = xyz["args"][0]["choices"].index("[Attention] Style strength")
+    none = xyz["args"][0]["choices"].index("Nothing")
+    args = [axis, "0.05, 0.2", [], none, "", [], none, "", [], True, True, False, False, 0, 0, 0, 0, False]
+    grid = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args,
+                                         "alwayson_scripts": {TITLE: {"args": [{"style": style}]}}}))
+    for cell, strength in zip(grid["images"][1:3], (0.05, 0.2), strict=True):
+        alone = ok(txt2img([{"style": {**style, "strength": strength}}]))
+        assert np.array_equal(pixels(cell), pixels(alone["images"][0]))
+    status, err = txt2img([{"style": {"iters": 0}}])
+    assert status >= 400 and "(style.iters)" in json.dumps(err)
+    status, err = txt2img([{"style": {}}])
+    assert status >= 400 and "(style.reference)" in json.dumps(err)
+
+
 def _server_rss_mb() -> float | None:
     pid = os.environ.get("ATTN_WEBUI_PID")
     if not pid:
@@ -240,7 +276,7 @@ def _server_rss_mb() -> float | None:
 
 def test_soak_through_the_api():
     """``ATTN_LIVE_SOAK`` (default 20) random generations: PAG settings, sizes, samplers, batches, hires fix,
-    img2img with reference colorization, and bad requests in between.  Afterwards plain and PAG generations equal
+    img2img with reference colorization, style reference, and bad requests in between.  Afterwards plain and PAG generations equal
     those made before (nothing installed is left, no state carried over); with ``ATTN_WEBUI_PID`` set the server's
     memory must stay flat after a warm-up (half the run; a fresh WebUI grows for its first ~100
     generations of new shapes with or without the extension)."""
@@ -265,7 +301,11 @@ def test_soak_through_the_api():
             assert status >= 400
             bad += 1
             continue
-        if roll < 0.4:
+        if roll < 0.25:
+            args = [{"style": {"reference": lion, "iters": 1, "strength": rng.choice([0.05, 0.2]),
+                               "checkpointing": rng.choice(["auto", "on"])}}]
+            ok(txt2img(args, **kw))
+        elif roll < 0.4:
             args = [{"colorize": {"reference": lion, "guidance": rng.choice([1.0, 10.0])},
                      **({"pag": {"scale": 2.0}} if rng.random() < 0.5 else {})}]
             body = {**kw, "init_images": [init], "denoising_strength": 0.5,

@@ -3,6 +3,7 @@
     .venv/bin/python tests/bench/make_docs_images.py
 
 docs/colorize_tiny.jpg: grayscale input | colour reference | output of reference colorization.
+docs/style_tiny.jpg: img2img content | style image | plain img2img | img2img with the style reference.
 """
 
 from __future__ import annotations
@@ -42,5 +43,24 @@ def colorize_pair(out_path: pathlib.Path) -> None:
     print("wrote", out_path)
 
 
+def style_sheet(out_path: pathlib.Path) -> None:
+    content = Image.open(PHOTOS / "cheetah2.jpg").convert("RGB").resize((256, 256))
+    ref = Image.open(PHOTOS / "lion.jpg").convert("RGB")
+    torch.manual_seed(0)
+    kw = dict(prompt="", negative_prompt="", seed=1, steps=8, cfg_scale=3.0, width=128, height=128,
+              sampler_name="Euler", denoising_strength=0.5, init_images=[content])
+    with a1111_host("sd1") as h:
+        h.load_script(ROOT / "scripts" / "attention_toolkit.py")
+        plain = h.img2img(**kw).images[0]
+        styled = h.img2img(**kw, script_args=[{"style": {"reference": ref}}]).images[0]
+    w = h_ = 256
+    sheet = Image.new("RGB", (4 * w + 24, h_), (255, 255, 255))
+    for i, im in enumerate((content, ref, plain, styled)):
+        sheet.paste(im.resize((w, h_)), (i * (w + 8), 0))
+    sheet.save(out_path, quality=88)
+    print("wrote", out_path)
+
+
 if __name__ == "__main__":
     colorize_pair(ROOT / "docs" / "colorize_tiny.jpg")
+    style_sheet(ROOT / "docs" / "style_tiny.jpg")
