@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
+
+# as the WebUI does before it imports gradio (modules/launch_utils.py): no analytics or version-check threads
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -146,3 +146,13 @@ def test_formatting_is_compact_and_exact():
     f = S.FIELD_BY_KEY["pag_scale"]
     for v in (0.1, 3.0, 2.75, 1e-3):
         assert math.isclose(f.parse(f.format(v)), v)
+
+
+def test_readme_documents_the_positional_order():
+    """The README's positional table lists every field, in the table's order."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \|", readme, flags=re.M)
+    assert [(int(i), k) for i, k in rows] == [(i, f.key) for i, f in enumerate(S.FIELDS)]
