@@ -458,3 +458,46 @@ def test_forge_with_inference_mode_weights():
     assert (out.samples - plain).abs().max() > 1e-3
     assert len(inner) == kw["steps"] and sum(b - a for a, b in inner) < 0
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+class _InPlaceBlock(torch.nn.Module):
+    """Forge's transformer-block pattern: residual adds in place onto tensors a LayerNorm saved."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.n1, self.n2, self.lin = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x * 1.0
+        n = self.lin(self.n1(x))
+        if self.inplace:
+            x += n
+        else:
+            x = x + n
+        return self.n2(x) ** 2
+
+
+def test_snapshot_of_saved_tensors_makes_in_place_blocks_differentiable_and_checkpointing_would_not():
+    torch.manual_seed(1)
+    ref_block, block = _InPlaceBlock(False).double(), _InPlaceBlock(True).double()
+    block.load_state_dict(ref_block.state_dict())
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(ref_block(x).sum(), x)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        torch.autograd.grad(block(x).sum(), x)
+    with style.snapshot_saved_tensors(block):
+        out = block(x).sum()
+    (got,) = torch.autograd.grad(out, x)
+    assert torch.allclose(got, want, atol=1e-12)
+    # why Forge refuses checkpointing: the recomputation keeps references the in-place add overwrites
+    (wrong,) = torch.autograd.grad(torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum(), x)
+    assert not torch.allclose(wrong, want, atol=1e-6)
+
+
+def test_forge_refuses_checkpointing_on_by_name():
+    with forge_host("sd1") as h:
+        h.load_script(SCRIPT)
+        with pytest.raises(S.SettingsError, match=r"\(style.checkpointing\): gradient checkpointing is not available"):
+            h.txt2img(**{**BASE, "steps": 2}, script_args=style_args(photo("lion.jpg"), checkpointing="on"))
+        assert h.callback_count() == 0

@@ -26,7 +26,7 @@ from lib_attn.methods import colorize as col
 from lib_attn.methods import style
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import Session, attach, check_settings_against, get, layer_keys, layer_widths, plan_pass
-from lib_attn.settings import Settings, SettingsError
+from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
 
@@ -156,9 +156,15 @@ class ForgeSession(Session):
         if self.plan.style is not None:
             self.recorder = style.Recorder(self.plan.style.tau, self.plan.style.content_weight)
             self._style_keys = {k.forge_key for k in self.plan.style.layers}
-            if self.plan.style.checkpoint:
-                for block in style.blocks(unet_module):
-                    self.patches.wrap_forward(block, style.checkpointed(self.recorder))
+            if self.settings.style.checkpointing == "on":
+                # Forge's blocks add in place: recomputed activations would be overwritten (wrong gradients)
+                self.fail(
+                    FIELD_BY_KEY["style_checkpointing"].error(
+                        "gradient checkpointing is not available on Forge (its transformer blocks add in place, "
+                        "which makes recomputed gradients wrong); use auto or off"
+                    )
+                )
+                return
         for key in set(self._col_params) | self._style_keys:
             clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
         fo.unet = clone
@@ -222,7 +228,7 @@ class ForgeSession(Session):
                 rec.mode = None
         with torch.inference_mode(False):
             start = x + (target - d)  # the latent of the (AdaIN-matched) prediction at this noise level
-        with style.normal_weights(unet):
+        with style.normal_weights(unet), style.snapshot_saved_tensors(unet):
             disp, losses = style.guided_displacement(
                 lambda z: calc(model, conds, None, z, sigma, options), rec, start, plan.strength, plan.iters
             )

@@ -165,6 +165,22 @@ def normal_weights(root: nn.Module) -> Iterator[int]:
             store[name] = t
 
 
+@contextlib.contextmanager
+def snapshot_saved_tensors(root: nn.Module) -> Iterator[None]:
+    """Forge's transformer blocks add in place (``x += n``) onto tensors autograd saved, which fails the backward
+    ("modified by an inplace operation").  Autograd keeps a copy of each activation it saves instead (weights are
+    kept as they are), so later in-place adds cannot touch them.  The gradient is the exact one; the cost is one
+    copy per saved activation.  (Gradient checkpointing cannot be combined with it: its recomputation would keep
+    references that the in-place adds then overwrite, silently.)"""
+    weights = {t.untyped_storage()._cdata for t in list(root.parameters()) + list(root.buffers())}
+
+    def pack(t: Tensor) -> Tensor:
+        return t if t.untyped_storage()._cdata in weights else t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
 def blocks(unet: nn.Module) -> list[nn.Module]:
     """The UNet's top-level blocks (the units of gradient checkpointing)."""
     out: list[nn.Module] = []

@@ -251,69 +251,73 @@ def bench_style_memory(args: argparse.Namespace) -> float:
     autograd saves (deduplicated by storage, weights excluded) during one guided forward of a full-size UNet in
     fp16 at its native size, and, with gradient checkpointing, the block inputs that stay plus the largest block's
     saved tensors (what one recomputation holds)."""
+    total = 0.0
+    for kind, side, ctx_dim in (("sd15", 64, 768), ("sdxl", 128, 2048)):
+        total += _guided_pass_saved_bytes(kind, side, ctx_dim)
+    return total
+
+
+def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
     from lib_attn.methods import colorize, style
     from lib_attn.registry import PatchSet
     from lib_attn.session import layer_keys
 
-    total = 0.0
-    for kind, side, ctx_dim in (("sd15", 64, 768), ("sdxl", 128, 2048)):
-        unet = _meta_unet(kind)
-        weights = {p.untyped_storage()._cdata for p in unet.parameters()}
-        n_params = sum(p.numel() for p in unet.parameters())
-        with torch.device("meta"):
-            x = torch.randn(1, 4, side, side, dtype=torch.float16)
-            t = torch.full((1,), 500.0)
-            ctx = torch.randn(1, 77, ctx_dim, dtype=torch.float16)
-            y = torch.randn(1, 2816, dtype=torch.float16) if kind == "sdxl" else None
-        keys = layer_keys(unet)
-        layers = [k.module_path for k in keys if k.attn == "attn1" and k.block == "output"]
-        chosen = colorize.default_selector(keys).replace(" ", "").split(",")
-        layers = [p for p in layers if p.split(".")[1] in {c.split(".")[1] for c in chosen}]
-        rec = style.Recorder()
-        saved: dict[int, int] = {}
-        per_block: list[int] = []
-        inputs: list[int] = []
+    unet = _meta_unet(kind)
+    weights = {p.untyped_storage()._cdata for p in unet.parameters()}
+    n_params = sum(p.numel() for p in unet.parameters())
+    with torch.device("meta"):
+        x = torch.randn(1, 4, side, side, dtype=torch.float16)
+        t = torch.full((1,), 500.0)
+        ctx = torch.randn(1, 77, ctx_dim, dtype=torch.float16)
+        y = torch.randn(1, 2816, dtype=torch.float16) if kind == "sdxl" else None
+    keys = layer_keys(unet)
+    layers = [k.module_path for k in keys if k.attn == "attn1" and k.block == "output"]
+    chosen = colorize.default_selector(keys).replace(" ", "").split(",")
+    layers = [p for p in layers if p.split(".")[1] in {c.split(".")[1] for c in chosen}]
+    rec = style.Recorder()
+    saved: dict[int, int] = {}
+    per_block: list[int] = []
+    inputs: list[int] = []
 
-        def pack(tensor):
-            sid = tensor.untyped_storage()._cdata
-            if sid not in weights:
-                saved[sid] = max(saved.get(sid, 0), tensor.untyped_storage().nbytes())
-            return tensor
+    def pack(tensor):
+        sid = tensor.untyped_storage()._cdata
+        if sid not in weights:
+            saved[sid] = max(saved.get(sid, 0), tensor.untyped_storage().nbytes())
+        return tensor
 
-        def pre(module, a):
-            inputs.append(a[0].numel() * a[0].element_size())
-            per_block.append(-sum(saved.values()))
+    def pre(module, a):
+        inputs.append(a[0].numel() * a[0].element_size())
+        per_block.append(-sum(saved.values()))
 
-        def post(module, a, out):
-            per_block[-1] += sum(saved.values())
+    def post(module, a, out):
+        per_block[-1] += sum(saved.values())
 
-        with PatchSet() as ps:
-            for path in layers:
-                ps.wrap_forward(unet.get_submodule(path), style.self_attention_wrapper(rec, path))
-            for block in style.blocks(unet):
-                ps.add_handle(block.register_forward_pre_hook(pre))
-                ps.add_handle(block.register_forward_hook(post))
-            kw = {"y": y} if y is not None else {}
-            if kind == "sdxl":
-                ctx = [ctx] * 10  # sdkit's SpatialTransformer takes one context per transformer block
-            rec.mode, rec.capture_rows = "capture", [("ref", 0)]
-            with torch.no_grad():
-                unet(x, t, context=ctx, **kw)
-            per_block.clear(), inputs.clear()
-            rec.mode, rec.ref_of = "guided", [0]
-            with style.grad_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                z = x.clone().requires_grad_(True)
-                unet(z, t, context=ctx, **kw)
-            rec.clear()
-        full = sum(saved.values())
-        ckpt = sum(inputs) + max(per_block)
-        gib = 1024**3
-        print(f"{kind}: {n_params / 1e9:.3f}B parameters, fp16 weights {n_params * 2 / gib:.2f} GiB; "
-              f"{side * 8}x{side * 8}, style layers {', '.join(c for c in chosen)}")
-        print(f"  guided pass, per image: activations kept for backward {full / gib:.2f} GiB without "
-              f"checkpointing, about {ckpt / gib:.2f} GiB with it")
-        total += full
-    return total
+    with PatchSet() as ps:
+        for path in layers:
+            ps.wrap_forward(unet.get_submodule(path), style.self_attention_wrapper(rec, path))
+        for block in style.blocks(unet):
+            ps.add_handle(block.register_forward_pre_hook(pre))
+            ps.add_handle(block.register_forward_hook(post))
+        kw = {"y": y} if y is not None else {}
+        if kind == "sdxl":
+            ctx = [ctx] * 10  # sdkit's SpatialTransformer takes one context per transformer block
+        rec.mode, rec.capture_rows = "capture", [("ref", 0)]
+        with torch.no_grad():
+            unet(x, t, context=ctx, **kw)
+        per_block.clear(), inputs.clear()
+        rec.mode, rec.ref_of = "guided", [0]
+        with style.grad_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            z = x.clone().requires_grad_(True)
+            unet(z, t, context=ctx, **kw)
+        rec.clear()
+    full = sum(saved.values())
+    ckpt = sum(inputs) + max(per_block)
+    gib = 1024**3
+    print(f"{kind}: {n_params / 1e9:.3f}B parameters, fp16 weights {n_params * 2 / gib:.2f} GiB; "
+          f"{side * 8}x{side * 8}, style layers {', '.join(c for c in chosen)}")
+    print(f"  guided pass, per image: activations kept for backward {full / gib:.2f} GiB without "
+          f"checkpointing, about {ckpt / gib:.2f} GiB with it")
+    return full
 
 
 BENCHES = {"pag": bench_pag, "colorize": bench_colorize, "style": bench_style, "style_memory": bench_style_memory}

@@ -227,7 +227,7 @@ class ForgeBasicTransformerBlock:
             n = self.attn1(n, context=context1)
         for p in patches.get("attn1_output_patch", []):
             n = p(n, extra_options)
-        x = n + x
+        x += n  # in place, as Forge does (autograd through this block needs the saved tensors kept as they were)
         for p in patches.get("middle_patch", []):
             x = p(x, extra_options)
 
@@ -254,9 +254,11 @@ class ForgeBasicTransformerBlock:
             n = self.attn2(n, context=context2)
         for p in patches.get("attn2_output_patch", []):
             n = p(n, extra_options)
-        x = n + x
-
-        return self.ff(self.norm3(x)) + x
+        x += n
+        x_skip = x
+        x = self.ff(self.norm3(x))
+        x += x_skip
+        return x
 
 
 def _swap(module: nn.Module, mixin: type) -> None:
