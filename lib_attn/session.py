@@ -54,20 +54,26 @@ def layer_widths(unet: nn.Module, keys: Iterable[LayerKey]) -> dict[LayerKey, in
     return out
 
 
+@contextlib.contextmanager
+def _selector_of(key: str):
+    """A layer selector that matches nothing becomes an error naming its field."""
+    try:
+        yield
+    except LayerSelectorError as e:
+        raise FIELD_BY_KEY[key].error(str(e)) from None
+
+
 def plan_pass(
     settings: Settings, is_hr_pass: bool, available: Iterable[LayerKey], widths: dict[LayerKey, int] | None = None
 ) -> PassPlan:
     """Build the plan for a pass; a bad layer selector raises a SettingsError naming the field."""
     available = list(available)
-    pag_settings = settings.pag.for_pass(is_hr_pass)
-    try:
-        pag = PagPlan.build(pag_settings, available)
-    except LayerSelectorError as e:
-        raise FIELD_BY_KEY["pag_layers"].error(str(e)) from None
+    with _selector_of("pag_layers"):
+        pag = PagPlan.build(settings.pag.for_pass(is_hr_pass), available)
     col = None
     c = settings.colorize
     if c.enabled and not is_hr_pass:
-        try:
+        with _selector_of("colorize_layers"):
             col = colorize.build_plan(
                 guidance_scale=c.guidance,
                 strength=c.strength,
@@ -79,12 +85,10 @@ def plan_pass(
                 fine=colorize.LayerParams(c.gamma_fine, c.beta_fine),
                 coarse=colorize.LayerParams(c.gamma_coarse, c.beta_coarse),
             )
-        except LayerSelectorError as e:
-            raise FIELD_BY_KEY["colorize_layers"].error(str(e)) from None
     sty = None
     st = settings.style.for_pass(is_hr_pass)
     if st.enabled:
-        try:
+        with _selector_of("style_layers"):
             sty = style.build_plan(
                 strength=st.strength,
                 iters=st.iters,
@@ -97,8 +101,6 @@ def plan_pass(
                 adain=st.adain,
                 checkpoint=st.checkpointing,
             )
-        except LayerSelectorError as e:
-            raise FIELD_BY_KEY["style_layers"].error(str(e)) from None
     return PassPlan(is_hr_pass, pag, col, sty)
 
 

@@ -542,6 +542,15 @@ FIELD_BY_API: dict[str, Field] = {f.api_name: f for f in FIELDS}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.section for f in FIELDS))
 
 
+def _for_pass(section: Any, is_hr_pass: bool, name: str) -> Any:
+    """A section's settings for one pass: in the hires pass ``hires`` says same, off, or an own ``hires_<name>``."""
+    if not is_hr_pass or section.hires == "same":
+        return section
+    if section.hires == "off":
+        return dataclasses.replace(section, enabled=False)
+    return dataclasses.replace(section, **{name: getattr(section, f"hires_{name}")})
+
+
 @dataclass(frozen=True)
 class PagSettings:
     enabled: bool = False
@@ -559,11 +568,7 @@ class PagSettings:
 
     def for_pass(self, is_hr_pass: bool) -> PagSettings:
         """Settings in force for one pass (hires override applied)."""
-        if not is_hr_pass or self.hires == "same":
-            return self
-        if self.hires == "off":
-            return dataclasses.replace(self, enabled=False)
-        return dataclasses.replace(self, scale=self.hires_scale)
+        return _for_pass(self, is_hr_pass, "scale")
 
 
 @dataclass(frozen=True)
@@ -609,11 +614,7 @@ class StyleSettings:
 
     def for_pass(self, is_hr_pass: bool) -> StyleSettings:
         """Settings in force for one pass (hires override applied)."""
-        if not is_hr_pass or self.hires == "same":
-            return self
-        if self.hires == "off":
-            return dataclasses.replace(self, enabled=False)
-        return dataclasses.replace(self, strength=self.hires_strength)
+        return _for_pass(self, is_hr_pass, "strength")
 
 
 _SECTION_CLASSES = {"pag": PagSettings, "colorize": ColorizeSettings, "style": StyleSettings}

@@ -82,44 +82,35 @@ def test_infotext_pastes_back_every_field(host):
     assert S.from_args([empty.get(c.elem_id, keep[c.elem_id]) for c in script.controls]) == S.defaults()
 
 
-def test_colorize_infotext_pastes_back_in_img2img(host):
+IMAGE_SECTIONS = {
+    "colorize": (True, {"colorize_strength": 0.8, "colorize_guidance": 4.0, "colorize_start": 0.1,
+                        "colorize_end": 0.9, "colorize_layers": "output.3, output.11", "colorize_gamma_fine": 0.3,
+                        "colorize_beta_fine": 0.2, "colorize_gamma_coarse": 0.9, "colorize_beta_coarse": 0.1,
+                        "colorize_adain": False, "colorize_match_colors": False}),
+    "style": (False, {"style_strength": 0.03, "style_iters": 1, "style_start": 0.2, "style_end": 0.8,
+                      "style_layers": "output.9, output.10", "style_content_weight": 0.5, "style_adain": False,
+                      "style_temperature": 1.2, "style_checkpointing": "on", "style_hires": "own",
+                      "style_hires_strength": 0.02}),
+}
+
+
+@pytest.mark.parametrize("section", list(IMAGE_SECTIONS))
+def test_sections_with_an_image_paste_back(host, section):
+    """Every value but the image comes back from the infotext; the image control keeps its upload (infotext only
+    records a digest of it)."""
     from PIL import Image
 
+    is_img2img, custom = IMAGE_SECTIONS[section]
     ref = Image.new("RGB", (32, 32), (200, 40, 10))
-    custom = {"colorize_enabled": True, "colorize_reference": ref, "colorize_strength": 0.8,
-              "colorize_guidance": 4.0, "colorize_start": 0.1, "colorize_end": 0.9,
-              "colorize_layers": "output.3, output.11", "colorize_gamma_fine": 0.3, "colorize_beta_fine": 0.2,
-              "colorize_gamma_coarse": 0.9, "colorize_beta_coarse": 0.1, "colorize_adain": False,
-              "colorize_match_colors": False}
-    settings = S.defaults().with_values(custom)
-    init = Image.new("RGB", (96, 80), (120, 120, 120))
-    out = host.img2img(**BASE, init_images=[init], script_args=settings.to_args())
+    settings = S.defaults().with_values({**custom, f"{section}_enabled": True, f"{section}_reference": ref})
+    kw = dict(BASE, init_images=[Image.new("RGB", (96, 80), (120, 120, 120))]) if is_img2img else BASE
+    run = host.img2img if is_img2img else host.txt2img
+    out = run(**kw, script_args=settings.to_args())
     params = host.modules.infotext_utils.parse_generation_parameters(out.infotexts[0])
-    assert params["Colorize reference"] == S.image_digest((ref,))
-    script = host.script(True)
+    assert params[S.FIELD_BY_KEY[f"{section}_reference"].infotext] == S.image_digest((ref,))
+    script = host.script(is_img2img)
     pasted = {c.elem_id: t(params) for c, t in script.infotext_fields}
-    # the reference image control keeps its upload (infotext only records its digest)
-    keep = {c.elem_id: (ref if f.key == "colorize_reference" else f.default)
-            for c, f in zip(script.controls, S.FIELDS, strict=True)}
-    values = [pasted.get(c.elem_id, keep[c.elem_id]) for c in script.controls]
-    assert S.from_args(values) == settings
-
-
-def test_style_infotext_pastes_back_in_txt2img(host):
-    from PIL import Image
-
-    ref = Image.new("RGB", (32, 32), (20, 140, 210))
-    custom = {"style_enabled": True, "style_reference": ref, "style_strength": 0.03, "style_iters": 1,
-              "style_start": 0.2, "style_end": 0.8, "style_layers": "output.9, output.10", "style_content_weight": 0.5,
-              "style_adain": False, "style_temperature": 1.2, "style_checkpointing": "on", "style_hires": "own",
-              "style_hires_strength": 0.02}
-    settings = S.defaults().with_values(custom)
-    out = host.txt2img(**BASE, script_args=settings.to_args())
-    params = host.modules.infotext_utils.parse_generation_parameters(out.infotexts[0])
-    assert params["Style reference"] == S.image_digest((ref,))
-    script = host.script(False)
-    pasted = {c.elem_id: t(params) for c, t in script.infotext_fields}
-    keep = {c.elem_id: (ref if f.key == "style_reference" else f.default)
+    keep = {c.elem_id: (ref if f.key == f"{section}_reference" else f.default)
             for c, f in zip(script.controls, S.FIELDS, strict=True)}
     values = [pasted.get(c.elem_id, keep[c.elem_id]) for c in script.controls]
     assert S.from_args(values) == settings

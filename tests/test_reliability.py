@@ -18,6 +18,7 @@ from tests.fakes.a1111_double import a1111_host
 from tests.fakes.forge_env import forge_host
 from tests.test_colorize import photo, small
 from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
+from tests.test_soak import fail_at_call
 
 BASE = dict(prompt="a red cube", negative_prompt="", seed=3, steps=4, cfg_scale=5.0, width=96, height=80,
             sampler_name="Euler")
@@ -208,14 +209,7 @@ def test_soak_on_the_forge_double():
             fault = 0.05 if i % 6 == 2 else 0.15 if i % 6 == 4 else 1.0
             handle = None
             if fault < 0.1:
-                calls = {"n": 0, "at": rng.randint(1, 4)}
-
-                def boom(module, args, calls=calls):
-                    calls["n"] += 1
-                    if calls["n"] == calls["at"]:
-                        raise RuntimeError("injected")
-
-                handle = unet.register_forward_pre_hook(boom)
+                handle = fail_at_call(unet, rng.randint(1, 4))
             elif fault < 0.2:
                 at = rng.randint(0, 1)
 

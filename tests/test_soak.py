@@ -83,6 +83,18 @@ def random_colorize(rng: random.Random, batch: int) -> dict:
                          "adain": rng.random() < 0.5, "match_colors": rng.random() < 0.5}}
 
 
+def fail_at_call(unet, at: int):
+    """A forward pre-hook that raises ``RuntimeError("injected")`` at the ``at``-th UNet call; returns its handle."""
+    calls = {"n": 0}
+
+    def boom(module, args):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise RuntimeError("injected")
+
+    return unet.register_forward_pre_hook(boom)
+
+
 def assert_clean(h):
     unet = h.modules.shared.sd_model.model.diffusion_model
     for name, m in unet.named_modules():
@@ -122,14 +134,7 @@ def test_soak_random_generations():
             fault = 0.05 if i % 8 == 3 else 0.15 if i % 8 == 6 else fault  # every kind of fault comes up
             handle = None
             if fault < 0.1:
-                calls = {"n": 0, "at": rng.randint(1, 4)}
-
-                def boom(module, args, calls=calls):
-                    calls["n"] += 1
-                    if calls["n"] == calls["at"]:
-                        raise RuntimeError("injected")
-
-                handle = unet.register_forward_pre_hook(boom)
+                handle = fail_at_call(unet, rng.randint(1, 4))
             elif fault < 0.2:
                 h.modules.shared.state.interrupt_at_step = rng.randint(1, 2)
                 interrupts += 1
