@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lib_attn.layers import LayerKey, LayerSelectorError, keys_from_module_names
-from lib_attn.methods import colorize, style
+from lib_attn.methods import colorize, edit_mask, style
 from lib_attn.methods.colorize import ColorizePlan
 from lib_attn.methods.pag import PagPlan
 from lib_attn.registry import PatchSet
@@ -35,10 +35,11 @@ class PassPlan:
     pag: PagPlan | None
     colorize: ColorizePlan | None = None
     style: style.StylePlan | None = None
+    edit: edit_mask.EditMaskPlan | None = None
 
     @property
     def any(self) -> bool:
-        return self.pag is not None or self.colorize is not None or self.style is not None
+        return any(m is not None for m in (self.pag, self.colorize, self.style, self.edit))
 
 
 def layer_keys(unet: nn.Module) -> list[LayerKey]:
@@ -101,7 +102,21 @@ def plan_pass(
                 adain=st.adain,
                 checkpoint=st.checkpointing,
             )
-    return PassPlan(is_hr_pass, pag, col, sty)
+    edit = None
+    e = settings.edit_mask
+    if e.enabled and not is_hr_pass:
+        with _selector_of("edit_mask_layers"):
+            edit = edit_mask.build_plan(
+                selector=e.layers,
+                available=available,
+                threshold=e.threshold,
+                object_sim=e.object_similarity,
+                other_sim=e.other_similarity,
+                grow=round(e.grow / 8),
+                blur=e.blur / 8,
+                batch_average=e.batch_average,
+            )
+    return PassPlan(is_hr_pass, pag, col, sty, edit)
 
 
 class Session:

@@ -528,14 +528,129 @@ FIELDS: tuple[Field, ...] = (
         0.005,
         help="Strength used in the hires-fix pass when 'Hires pass' is 'own'.",
     ),
+    # ---- automatic edit mask (InstDiffEdit, img2img) ----
+    Field(
+        "edit_mask",
+        "enabled",
+        "Enable automatic edit mask",
+        "Edit mask",
+        "bool",
+        False,
+        help="img2img: the prompt is the edit; a mask built from the prompt's cross-attention keeps the init "
+        "image outside it at every step (no painted mask needed).",
+    ),
+    Field(
+        "edit_mask",
+        "words",
+        "Mask words",
+        "Edit mask words",
+        "str",
+        "",
+        help="Words of the prompt whose attention makes the mask (comma separated). Empty: chosen automatically "
+        "(the paper's adaptive aggregation).",
+    ),
+    Field(
+        "edit_mask",
+        "threshold",
+        "Mask threshold",
+        "Edit mask threshold",
+        "float",
+        0.2,
+        0.0,
+        0.99,
+        0.01,
+        help="Binarization threshold of the normalized attention map (paper: 0.2 benchmark, 0.3 samples). "
+        "Higher: a smaller mask.",
+    ),
+    Field(
+        "edit_mask",
+        "grow",
+        "Grow mask (px)",
+        "Edit mask grow",
+        "int",
+        8,
+        0,
+        256,
+        1,
+        help="Dilate the mask by this many image pixels (rounded to the 8-pixel latent grid).",
+    ),
+    Field(
+        "edit_mask",
+        "blur",
+        "Mask blur (px)",
+        "Edit mask blur",
+        "int",
+        4,
+        0,
+        128,
+        1,
+        help="Feather the mask edge: Gaussian sigma in image pixels. 0 = hard edge.",
+    ),
+    Field(
+        "edit_mask",
+        "layers",
+        "Layers",
+        "Edit mask layers",
+        "str",
+        "auto",
+        help="Cross-attention layers whose maps are used: auto (the paper's lowest-resolution encoder and decoder "
+        "layers: SD1/SD2 input.7-8, output.3-5; SDXL input.7-8, output.0-2) or selectors.",
+    ),
+    Field(
+        "edit_mask",
+        "object_similarity",
+        "Object word similarity",
+        "Edit mask object similarity",
+        "float",
+        0.9,
+        0.0,
+        1.0,
+        0.01,
+        help="Words whose map is at least this cosine-similar to the anchor word's are part of the object (0.9).",
+    ),
+    Field(
+        "edit_mask",
+        "other_similarity",
+        "Other word similarity",
+        "Edit mask other similarity",
+        "float",
+        0.6,
+        0.0,
+        1.0,
+        0.01,
+        help="Words at most this similar to the anchor are 'other' and their map is subtracted (0.6).",
+    ),
+    Field(
+        "edit_mask",
+        "batch_average",
+        "One mask for the batch",
+        "Edit mask batch average",
+        "bool",
+        False,
+        help="Average the maps of all images of the batch into one mask (the paper averages three seeds of one "
+        "image). Off: each image gets its own mask.",
+    ),
+    Field(
+        "edit_mask",
+        "show",
+        "Return the mask",
+        "Edit mask show",
+        "bool",
+        True,
+        help="Add each image's mask (white = edited) to the results, in the UI gallery and the API's images.",
+    ),
 )
 
 SECTION_TITLES: dict[str, str] = {
     "pag": "PAG — Perturbed-Attention Guidance",
     "colorize": "Reference colorization",
     "style": "Style reference (Attention Distillation)",
+    "edit_mask": "Automatic edit mask (InstDiffEdit)",
 }
-SECTION_TABS: dict[str, tuple[str, ...]] = {"colorize": ("img2img",)}  # sections absent from some tabs
+SECTION_TABS: dict[str, tuple[str, ...]] = {
+    "colorize": ("img2img",),
+    "edit_mask": ("img2img",),
+}  # sections absent from some tabs
 
 FIELD_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
 FIELD_BY_API: dict[str, Field] = {f.api_name: f for f in FIELDS}
@@ -617,7 +732,34 @@ class StyleSettings:
         return _for_pass(self, is_hr_pass, "strength")
 
 
-_SECTION_CLASSES = {"pag": PagSettings, "colorize": ColorizeSettings, "style": StyleSettings}
+@dataclass(frozen=True)
+class EditMaskSettings:
+    enabled: bool = False
+    words: str = ""
+    threshold: float = 0.2
+    grow: int = 8
+    blur: int = 4
+    layers: str = "auto"
+    object_similarity: float = 0.9
+    other_similarity: float = 0.6
+    batch_average: bool = False
+    show: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.enabled
+
+    @property
+    def word_list(self) -> tuple[str, ...]:
+        return tuple(w.strip().lower() for w in self.words.replace(";", ",").split(",") if w.strip())
+
+
+_SECTION_CLASSES = {
+    "pag": PagSettings,
+    "colorize": ColorizeSettings,
+    "style": StyleSettings,
+    "edit_mask": EditMaskSettings,
+}
 
 
 @dataclass(frozen=True)
@@ -625,10 +767,11 @@ class Settings:
     pag: PagSettings = dataclasses.field(default_factory=PagSettings)
     colorize: ColorizeSettings = dataclasses.field(default_factory=ColorizeSettings)
     style: StyleSettings = dataclasses.field(default_factory=StyleSettings)
+    edit_mask: EditMaskSettings = dataclasses.field(default_factory=EditMaskSettings)
 
     @property
     def any_active(self) -> bool:
-        return self.pag.active or self.colorize.active or self.style.active
+        return self.pag.active or self.colorize.active or self.style.active or self.edit_mask.active
 
     # ---- conversions -------------------------------------------------------------------
     def values(self) -> dict[str, Any]:
@@ -675,6 +818,10 @@ def _check_section(section: str, obj: Any) -> None:
         raise FIELD_BY_KEY["colorize_reference"].error("reference colorization is on but no colour reference was given")
     if section == "style" and obj.enabled and not obj.reference:
         raise FIELD_BY_KEY["style_reference"].error("style reference is on but no style image was given")
+    if section == "edit_mask" and obj.other_similarity > obj.object_similarity:
+        raise FIELD_BY_KEY["edit_mask_other_similarity"].error(
+            f"{obj.other_similarity:g} must not be above the object word similarity ({obj.object_similarity:g})"
+        )
 
 
 def _lookup(name: str) -> Field:

@@ -35,7 +35,7 @@ class AttentionToolkitScript(scripts.Script):
         host.postprocess_image(p, pp)
 
     def postprocess(self, p, processed, *args):
-        host.postprocess(p)
+        host.postprocess(p, processed)
 
 
 def _register_xyz():

@@ -49,6 +49,16 @@ EXAMPLE_ALL = {
     "style_checkpointing": "on",
     "style_hires": "own",
     "style_hires_strength": 0.01,
+    "edit_mask_enabled": True,
+    "edit_mask_words": "cat, hat",
+    "edit_mask_threshold": 0.35,
+    "edit_mask_grow": 16,
+    "edit_mask_blur": 0,
+    "edit_mask_layers": "output.3",
+    "edit_mask_object_similarity": 0.8,
+    "edit_mask_other_similarity": 0.5,
+    "edit_mask_batch_average": True,
+    "edit_mask_show": False,
 }
 
 

@@ -81,8 +81,22 @@ def postprocess_image(p: Any, pp: Any) -> None:
     pp.image = inputs.finish(index, pp.image)
 
 
-def postprocess(p: Any) -> None:
-    sessions.end(p)
+def postprocess(p: Any, processed: Any = None) -> None:
+    """``Script.postprocess``: the automatic edit masks join the results (UI gallery and API images), then
+    the session ends."""
+    session = sessions.get(p)
+    run = getattr(session, "edit", None)
+    try:
+        if run is not None and run.settings.show and processed is not None and getattr(session, "error", None) is None:
+            masks = run.images()
+            images = getattr(processed, "images", None)
+            if masks and isinstance(images, list):
+                infotexts = getattr(processed, "infotexts", None)
+                if isinstance(infotexts, list) and infotexts:
+                    infotexts.extend([infotexts[0]] * len(masks))
+                images.extend(masks)
+    finally:
+        sessions.end(p)
 
 
 def cleanup_model() -> int:

@@ -33,8 +33,9 @@ from torch import nn
 from lib_attn import batch as batchmod
 from lib_attn.batch import BatchLayout
 from lib_attn.guidance import pag_delta
-from lib_attn.host import colorize_io, style_io
+from lib_attn.host import colorize_io, edit_mask_io, style_io
 from lib_attn.methods import colorize as col
+from lib_attn.methods import edit_mask as em
 from lib_attn.methods import style
 from lib_attn.methods.pag import identity_attention
 from lib_attn.registry import clean_leftovers
@@ -68,6 +69,7 @@ class _Step:
     pert_out: torch.Tensor | None = None
     plain_out: torch.Tensor | None = None
     style_in: dict | None = None  # style: per image x, sigma, conditioning of the feature passes
+    edit_in: tuple | None = None  # edit mask: the first cond rows' model input and sigma (after the blend)
     feats: dict = dataclasses.field(default_factory=dict)  # colorize: layer path -> {stream: (rows, N, C)}
 
 
@@ -99,6 +101,8 @@ class A1111Session(Session):
         self.style = style_io.StyleInputs.prepare(p, settings) if settings.style.enabled else None
         self.recorder = style.Recorder()
         self.style_losses: list[list[float]] = []  # per guided step, the loss at each inner iteration
+        self.edit = edit_mask_io.EditMaskRun.prepare(p, settings) if settings.edit_mask.enabled else None
+        self._latent_hw: tuple[int, int] = (0, 0)  # of the UNet call in progress
 
     # ---- lifetime -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -112,6 +116,9 @@ class A1111Session(Session):
             self.colorize.encode(self.p, _encode)
         if self.style is not None:
             self.style.begin(self.p)
+        if self.edit is not None:
+            self._count_tokens = edit_mask_io.token_counter(getattr(self.p, "sd_model", None) or shared.sd_model)
+            self.edit.begin_batch()
         callbacks = (
             (script_callbacks.on_cfg_denoiser, self.on_cfg_denoiser),
             (script_callbacks.on_cfg_denoised, self.on_cfg_denoised),
@@ -121,6 +128,8 @@ class A1111Session(Session):
             for register, fn in callbacks:
                 register(fn)
             yield self
+            if self.edit is not None and self.error is None:
+                self.edit.finish_batch((int(self.p.width), int(self.p.height)))
         finally:
             for _, fn in callbacks:
                 script_callbacks.remove_callbacks_for_function(fn)
@@ -173,6 +182,10 @@ class A1111Session(Session):
             if self.plan.style.checkpoint:
                 for block in style.blocks(unet):
                     self.patches.wrap_forward(block, style.checkpointed(self.recorder))
+        if self.plan.edit is not None and self.edit is not None:
+            self.edit.plan = self.plan.edit
+            for key_ in self.plan.edit.layers:
+                self.patches.wrap_forward(unet.get_submodule(key_.module_path), self._edit_attn2)
         if self.plan.any:
             self.patches.add_handle(unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
 
@@ -190,7 +203,8 @@ class A1111Session(Session):
             pag_scale = plan.pag.scale_at(self.step, self.total_steps, self._timestep(den, params.sigma))
         colorize = plan.colorize is not None and plan.colorize.active_at(self.step, self.total_steps)
         styled = plan.style is not None and plan.style.active_at(self.step, self.total_steps)
-        if pag_scale <= 0 and not colorize and not styled:
+        edit = plan.edit is not None and self.edit is not None and self.error is None
+        if pag_scale <= 0 and not colorize and not styled and not edit:
             return
         try:
             layout = self._layout(params, den)
@@ -198,6 +212,7 @@ class A1111Session(Session):
             self.fail(e)
             return
         first = list(layout.first_cond)
+        edit_in = self._edit_input(params, layout, den) if edit else None
         style_in = self._style_inputs(params, layout) if styled else None
         groups: list[tuple[str, list[int], dict]] = []  # name, sources, row tensors
         if pag_scale > 0:
@@ -210,8 +225,8 @@ class A1111Session(Session):
             if self._in_batch(params):
                 groups += capture
                 capture = []
-        if not groups:  # no rows to insert: a capture call, or style only
-            self._step = _Step(layout.with_groups([]), 0.0, den, colorize, style_in=style_in)
+        if not groups:  # no rows to insert: a capture call, or style / edit mask only
+            self._step = _Step(layout.with_groups([]), 0.0, den, colorize, style_in=style_in, edit_in=edit_in)
             self._cursor = 0
             if capture:
                 self._run_prepass(den, capture, params.text_uncond)
@@ -235,7 +250,7 @@ class A1111Session(Session):
         tc = params.text_cond
         new_tc = batchmod.insert_rows(tc, at, _cat_conds(rows_tc))
         params.text_cond = _like(tc, new_tc) if isinstance(tc, Mapping) else new_tc
-        self._step = _Step(layout, pag_scale, den, colorize, style_in=style_in)
+        self._step = _Step(layout, pag_scale, den, colorize, style_in=style_in, edit_in=edit_in)
         self._cursor = 0
         if capture:
             self._run_prepass(den, capture, params.text_uncond)
@@ -277,7 +292,69 @@ class A1111Session(Session):
             and not getattr(den, "mask_before_denoising", False)
         ):
             delta = delta * nmask  # keep the inpainting blend: no change where the original is kept
-        params.x = params.x + delta.to(params.x.dtype)
+        out = params.x + delta.to(params.x.dtype)
+        if st.edit_in is not None and self.edit.update(self._latent_hw) is not None:
+            x, sigma = st.edit_in
+            d = self.edit.blend_denoised(_to_denoised(den, x, sigma, out))
+            out = _from_denoised(den, x, sigma, d).to(out.dtype)
+        params.x = out
+
+    # ---- automatic edit mask ----------------------------------------------------------------
+    def _edit_input(self, params: Any, layout: BatchLayout, den: Any) -> tuple | None:
+        """At the first step of a batch: the source latent, the sampler's starting noise and the prompt
+        words; later: the model input keeps the source (noised to each row's level) outside the mask."""
+        run = self.edit
+        first = list(layout.first_cond)
+        z0 = getattr(den, "init_latent", None)
+        if z0 is None:
+            z0 = getattr(self.p, "init_latent", None)
+        rows = layout.n_cond + layout.n_images
+        if not isinstance(z0, torch.Tensor) or _rows(z0) != layout.n_images or _rows(params.x) != rows:
+            self.fail(FIELD_BY_KEY["edit_mask_enabled"].error("no init latent to keep (img2img only)"))
+            return None
+        if not run.started:
+            p = getattr(den, "p", None) or self.p
+            prompts = list(getattr(p, "prompts", None) or [])[: layout.n_images]
+            if len(prompts) != layout.n_images:
+                prompts = [str(getattr(p, "prompt", ""))] * layout.n_images
+            noise = _noise_of(den, params.x[first], z0.to(params.x), params.sigma[first])
+            try:
+                run.start(prompts, self._count_tokens, z0, noise)
+            except SettingsError as e:
+                self.fail(e)
+                return None
+        else:
+            plain = layout.with_groups([])  # the rows as the host made them: cond rows, then uncond rows
+            images = [plain.image_of_row(r) for r in range(rows)]
+            noised = _noised(den, run.z0[images].to(params.x), run.noise[images].to(params.x), params.sigma)
+            params.x = run.blend_input(params.x, images, noised)
+        return params.x[first].detach().clone(), params.sigma[first].detach().clone()
+
+    def _edit_attn2(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        """Cross-attention of the mask layers: the host's (optimized) attention gives the output; the
+        probabilities are computed again only for each image's first cond row in this call."""
+        out = call_next(*args, **kwargs)
+        st, call = self._step, self._call
+        if st is None or call is None or st.edit_in is None or self._prepass is not None:
+            return out
+        x = args[0]
+        context = kwargs.get("context", args[1] if len(args) > 1 else None)
+        if not isinstance(context, torch.Tensor) or _rows(x) != call[1]:
+            return out
+        local = [(i, g - call[0]) for i, g in enumerate(st.layout.first_cond) if call[0] <= g < call[0] + call[1]]
+        if not local:
+            return out
+        rows = [j for _, j in local]
+        with torch.no_grad():
+            probs = em.cross_attention_probs(module, x[rows], context[rows])
+        try:
+            hw = em.grid_of(int(x.shape[1]), self._latent_hw)
+        except ValueError as e:
+            self.fail(FIELD_BY_KEY["edit_mask_layers"].error(f"{e} (Hypertile?)"))
+            return out
+        for (i, _), pr in zip(local, probs, strict=True):
+            self.edit.add(i, pr, hw)
+        return out
 
     # ---- style reference --------------------------------------------------------------------
     def _style_inputs(self, params: Any, layout: BatchLayout) -> dict:
@@ -523,6 +600,7 @@ class A1111Session(Session):
             return
         x = args[0] if args else kwargs.get("x")
         n = _rows(x)
+        self._latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
         self._call = (self._cursor, n)
         self._cursor += n
 
@@ -589,6 +667,14 @@ def _noised(den: Any, z: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor)
         return z + noise * sigma.view(-1, 1, 1, 1).to(z)
     a = _alpha(den, sigma, z)
     return a.sqrt() * z + (1 - a).sqrt() * noise
+
+
+def _noise_of(den: Any, x: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The noise that makes ``x`` from ``z`` at this step (the inverse of :func:`_noised`)."""
+    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+        return (x - z) / sigma.view(-1, 1, 1, 1).to(x)
+    a = _alpha(den, sigma, z)
+    return (x - a.sqrt() * z) / (1 - a).sqrt()
 
 
 def _alpha(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

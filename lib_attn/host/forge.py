@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from modules import script_callbacks
 
-from lib_attn.host import colorize_io, style_io
+from lib_attn.host import colorize_io, edit_mask_io, style_io
 from lib_attn.methods import colorize as col
+from lib_attn.methods import edit_mask as em
 from lib_attn.methods import style
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import Session, attach, check_settings_against, get, layer_keys, layer_widths, plan_pass
@@ -102,6 +103,8 @@ class ForgeSession(Session):
         self.recorder = style.Recorder()
         self._style_keys: set = set()
         self.style_losses: list[list[float]] = []
+        self.edit = edit_mask_io.EditMaskRun.prepare(p, settings) if settings.edit_mask.enabled else None
+        self._edit_seen: set = set()  # (step, layer) pairs whose maps are in: one call per step counts
 
     @contextlib.contextmanager
     def sampling(self):
@@ -114,15 +117,75 @@ class ForgeSession(Session):
             self.colorize.encode(self.p, _encode)
         if self.style is not None:
             self.style.begin(self.p)
+        if self.edit is not None:
+            self._count_tokens = edit_mask_io.token_counter(self.p.sd_model)
+            self.edit.begin_batch()
         script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
         try:
             yield self
+            if self.edit is not None and self.error is None:
+                self.edit.finish_batch((int(self.p.width), int(self.p.height)))
         finally:
             script_callbacks.remove_callbacks_for_function(self.on_cfg_denoiser)
             self.end_pass()
 
     def on_cfg_denoiser(self, params: Any) -> None:
         self.step, self.total_steps = params.sampling_step, params.total_sampling_steps
+        if self.edit is not None and self.plan is not None and self.plan.edit is not None and self.error is None:
+            self._edit_input(params)
+
+    # ---- automatic edit mask ----------------------------------------------------------------
+    def _edit_input(self, params: Any) -> None:
+        """First step of a batch: source latent, starting noise and prompt words; later steps: the model
+        input keeps the source, noised to this level, outside the mask (Forge's ``x`` has one row per image)."""
+        run, x, sigma = self.edit, params.x, params.sigma
+        den = params.denoiser
+        z0 = getattr(den, "init_latent", None)
+        if z0 is None:
+            z0 = getattr(self.p, "init_latent", None)
+        if not isinstance(z0, torch.Tensor) or z0.shape[0] != x.shape[0]:
+            self.fail(FIELD_BY_KEY["edit_mask_enabled"].error("no init latent to keep (img2img only)"))
+            return
+        view = (-1, 1, 1, 1)
+        if not run.started:
+            prompts = list(getattr(self.p, "prompts", None) or [])[: x.shape[0]]
+            if len(prompts) != x.shape[0]:
+                prompts = [str(getattr(self.p, "prompt", ""))] * x.shape[0]
+            z0 = z0.to(x)
+            try:
+                run.start(prompts, self._count_tokens, z0, (x - z0) / sigma.view(view).to(x))
+            except SettingsError as e:
+                self.fail(e)
+            return
+        images = list(range(x.shape[0]))
+        params.x = run.blend_input(x, images, run.z0.to(x) + run.noise.to(x) * sigma.view(view).to(x))
+
+    def _edit_attn2_patch(self, q: Any, k: Any, v: Any, extra_options: dict) -> Any:
+        """attn2 replace patch on the mask layers: the host's attention gives the output; the probabilities
+        are computed again for the cond rows of the step's first call only (not for PAG's or style's calls)."""
+        heads = int(extra_options["n_heads"])
+        out = _attention(q, k, v, heads)
+        block = extra_options.get("block")
+        key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
+        if extra_options.get(_MODE) is not None or (self.step, key) in self._edit_seen or self.edit is None:
+            return out
+        flags = list(extra_options.get("cond_or_uncond") or [])
+        if 0 not in flags or q.shape[0] % len(flags):
+            return out
+        self._edit_seen.add((self.step, key))
+        chunk = q.shape[0] // len(flags)
+        start = flags.index(0) * chunk
+        shape = extra_options.get("original_shape")
+        try:
+            hw = em.grid_of(int(q.shape[1]), (int(shape[-2]), int(shape[-1])))
+        except (TypeError, ValueError) as e:
+            self.fail(FIELD_BY_KEY["edit_mask_layers"].error(f"cannot place the attention map: {e}"))
+            return out
+        with torch.no_grad():
+            probs = em.attention_probs(q[start : start + chunk], k[start : start + chunk], heads)
+        for i, pr in enumerate(probs):
+            self.edit.add(i, pr, hw)
+        return out
 
     def patch_unet(self, p: Any) -> None:
         """Called from ``process_before_every_sampling``: patch a clone of ``forge_objects.unet``."""
@@ -167,6 +230,11 @@ class ForgeSession(Session):
                 return
         for key in set(self._col_params) | self._style_keys:
             clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
+        if self.plan.edit is not None and self.edit is not None:
+            self.edit.plan = self.plan.edit
+            self._edit_seen = set()
+            for k in self.plan.edit.layers:
+                clone.set_model_patch_replace(self._edit_attn2_patch, "attn2", *k.forge_key)
         fo.unet = clone
 
     def _post_cfg(self, args: dict) -> Any:
@@ -197,6 +265,8 @@ class ForgeSession(Session):
                 denoised = denoised + self._style_delta(args, denoised)
             except Exception as e:  # the host would log and drop it: fail the generation with the cause
                 self.fail(style_io.error_for(e))
+        if plan.edit is not None and self.edit is not None and self.edit.update(tuple(denoised.shape[-2:])) is not None:
+            denoised = self.edit.blend_denoised(denoised)
         return denoised
 
     # ---- style reference ------------------------------------------------------------------

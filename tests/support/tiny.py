@@ -109,6 +109,14 @@ def _word_vector(word: str, dim: int, salt: int = 0) -> torch.Tensor:
     return torch.randn(dim, generator=g) * 0.5
 
 
+class _Tokenizer:
+    def __init__(self, split):
+        self._split = split
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [[zlib.crc32(w.encode()) % 49406 for w in self._split(t)] for t in texts]
+
+
 class TinySD(nn.Module):
     """Stand-in for ``shared.sd_model`` (LatentDiffusion / SDXL DiffusionEngine) around a real ldm UNet."""
 
@@ -135,6 +143,9 @@ class TinySD(nn.Module):
             self.vae_enc = nn.Conv2d(3, 4, 1)
             self.vae_dec = nn.Conv2d(4, 3, 1)
         self.requires_grad_(False)
+        # what A1111 gives SD1/SD2 (and SDXL, through GeneralConditioner) as ``sd_model.cond_stage_model``: only
+        # ``tokenize(texts) -> token id lists without BOS/EOS`` is used
+        self.cond_stage_model = _Tokenizer(self.words)
 
     @property
     def device(self) -> torch.device:
@@ -145,8 +156,13 @@ class TinySD(nn.Module):
         return next(self.model.diffusion_model.parameters()).dtype
 
     # ---- text encoder stand-in ---------------------------------------------------------------
+    @staticmethod
+    def words(prompt: str) -> list[str]:
+        """The stand-in tokenizer: one token per whitespace-separated word, commas apart."""
+        return prompt.lower().replace(",", " , ").split()
+
     def _encode_one(self, prompt: str) -> torch.Tensor:
-        words = prompt.lower().replace(",", " , ").split()
+        words = self.words(prompt)
         chunks = [words[i : i + 75] for i in range(0, max(len(words), 1), 75)] or [[]]
         rows = []
         for chunk in chunks:  # 75 tokens + BOS + EOS per chunk, like the WebUI's CLIP chunking

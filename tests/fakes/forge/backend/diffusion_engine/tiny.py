@@ -75,6 +75,14 @@ class TinyUNetEngine(ForgeDiffusionEngine):
         self.is_sd1 = bool(getattr(tiny, "is_sd1", False))
         self.is_sd2 = bool(getattr(tiny, "is_sd2", False))
         self.is_sdxl = bool(getattr(tiny, "is_sdxl", False))
+        # Forge 2's engines keep their ClassicTextProcessingEngine(s): sd15/sd20 ``text_processing_engine``,
+        # sdxl ``text_processing_engine_l`` and ``_g``; each has ``tokenize(texts) -> id lists (no BOS/EOS)``
+        tokenizer = getattr(tiny, "cond_stage_model", None)
+        if tokenizer is not None and hasattr(tokenizer, "tokenize"):
+            if self.is_sdxl:
+                self.text_processing_engine_l = self.text_processing_engine_g = tokenizer
+            else:
+                self.text_processing_engine = tokenizer
         self.extra_generation_params = {}
         self.comments = []
         self.sd_checkpoint_info = checkpoint_info

@@ -1,0 +1,152 @@
+"""Automatic edit mask: the per-generation run around sampling (shared by the A1111 and Forge adapters).
+
+* ``start`` (first step of a batch): the prompt words of each image (the host's own tokenizer gives each
+  word's token positions), the source latent (img2img's init latent) and the noise the sampler started from.
+* ``add``: the cross-attention probabilities of one image's cond row at one layer.
+* ``update``: after the step's model call, every image's instant mask from the maps so far.
+* ``blend_input`` / ``blend_denoised``: the source outside the mask, in the model input and in the prediction.
+* ``finish_batch`` / ``images``: the final masks, returned as extra output images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lib_attn.methods import edit_mask as em
+from lib_attn.settings import FIELD_BY_KEY, EditMaskSettings, Settings
+
+Tensor = torch.Tensor
+
+
+def token_counter(sd_model: Any) -> Callable[[str], int]:
+    """How many tokens the loaded model's CLIP tokenizer makes of a text (no BOS/EOS): A1111's
+    ``cond_stage_model.tokenize`` (SD1/SD2) or its SDXL embedders', Forge's text processing engines."""
+    candidates = [
+        getattr(sd_model, "cond_stage_model", None),
+        getattr(sd_model, "text_processing_engine", None),
+        getattr(sd_model, "text_processing_engine_l", None),
+        *getattr(getattr(sd_model, "conditioner", None), "embedders", ()),
+    ]
+    for obj in candidates:
+        tokenize = getattr(obj, "tokenize", None)
+        if callable(tokenize):
+            return lambda text, _t=tokenize: len(_t([text])[0])
+    raise FIELD_BY_KEY["edit_mask_enabled"].error(
+        f"the loaded model ({type(sd_model).__name__}) has no CLIP tokenizer the edit mask can read"
+    )
+
+
+class EditMaskRun:
+    """State of the automatic edit mask over one generation (all its batches)."""
+
+    def __init__(self, settings: EditMaskSettings):
+        self.settings = settings
+        self.plan: em.EditMaskPlan | None = None
+        self.results: list[Tensor] = []  # final (h, w) masks of every image so far, in output order
+        self.sizes: list[tuple[int, int]] = []  # the image size of each result
+        self._reset()
+
+    @classmethod
+    def prepare(cls, p: Any, settings: Settings) -> EditMaskRun:
+        if not getattr(p, "init_images", None):
+            raise FIELD_BY_KEY["edit_mask_enabled"].error(
+                "the automatic edit mask works in img2img (it keeps the init image outside the mask)"
+            )
+        return cls(settings.edit_mask)
+
+    def _reset(self) -> None:
+        self.builders: list[em.MaskBuilder] | None = None
+        self.z0: Tensor | None = None
+        self.noise: Tensor | None = None
+        self.mask: Tensor | None = None  # (B, 1, h, w) after the last step
+        self.history: list[Tensor] = []  # the mask after each step (the model input of the next step used it)
+
+    def begin_batch(self) -> None:
+        """Each sampling call (one batch) builds its own masks."""
+        self._reset()
+
+    @property
+    def started(self) -> bool:
+        return self.builders is not None
+
+    def start(self, prompts: Sequence[str], count_tokens: Callable[[str], int], z0: Tensor, noise: Tensor) -> None:
+        """First step of a batch: words per image, the source latent and the sampler's starting noise."""
+        plan = self.plan
+        assert plan is not None
+        forced = self.settings.word_list
+        builders = []
+        for i, prompt in enumerate(prompts):
+            groups = em.word_groups(em.prompt_pieces(prompt), count_tokens)
+            words = {w for w, _ in groups}
+            if not groups:
+                raise FIELD_BY_KEY["edit_mask_enabled"].error(
+                    f"the prompt of image {i} has no words to build a mask from"
+                )
+            missing = [w for w in forced if w not in words]
+            if missing:
+                raise FIELD_BY_KEY["edit_mask_words"].error(
+                    f"{', '.join(missing)} not in the prompt's first 75 tokens ({', '.join(sorted(words))})"
+                )
+            builders.append(em.MaskBuilder(plan, groups, forced))
+        if plan.batch_average and builders:
+            shared = builders[0]
+            if any([w for w, _ in b.groups] != [w for w, _ in shared.groups] for b in builders):
+                raise FIELD_BY_KEY["edit_mask_batch_average"].error(
+                    "one mask for the batch needs the same prompt for every image"
+                )
+            builders = [shared] * len(builders)
+        self.builders = builders
+        self.z0 = z0.detach().clone()
+        self.noise = noise.detach().clone()
+
+    def add(self, image: int, probs: Tensor, hw: tuple[int, int]) -> None:
+        if self.builders is not None and image < len(self.builders):
+            self.builders[image].sums.add(probs, hw)
+
+    def update(self, latent_hw: tuple[int, int]) -> Tensor | None:
+        """Every image's mask from the maps so far: (B, 1, h, w) float32, or None before any map."""
+        if self.builders is None:
+            return None
+        masks, cache = [], {}
+        for b in self.builders:
+            if id(b) not in cache:
+                cache[id(b)] = b.mask(latent_hw)
+            masks.append(cache[id(b)])
+        if any(m is None for m in masks):
+            return self.mask
+        self.mask = torch.stack(masks)[:, None]
+        self.history.append(self.mask)
+        return self.mask
+
+    def blend_input(self, x: Tensor, images: Sequence[int], noised: Tensor) -> Tensor:
+        """Model-input rows ``x`` (their images ``images``; ``noised`` the source noised to each row's level)."""
+        if self.mask is None:
+            return x
+        m = self.mask[list(images)].to(x)
+        return em.blend(x, noised.to(x), m)
+
+    def blend_denoised(self, d: Tensor) -> Tensor:
+        """The x0 prediction of the B images: the source outside the mask."""
+        if self.mask is None or self.z0 is None:
+            return d
+        return em.blend(d, self.z0.to(d), self.mask.to(d))
+
+    def finish_batch(self, image_size: tuple[int, int]) -> None:
+        if self.mask is not None:
+            self.results.extend(m[0].detach().float().cpu() for m in self.mask)
+            self.sizes.extend([image_size] * self.mask.shape[0])
+        self._reset()
+
+    def images(self) -> list[Image.Image]:
+        """The final masks as grayscale images at the output size (white = edited), usable as an img2img mask."""
+        out = []
+        for m, (w, h) in zip(self.results, self.sizes, strict=True):
+            up = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            arr = (up.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            out.append(Image.fromarray(arr, mode="L"))
+        return out
