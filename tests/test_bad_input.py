@@ -101,6 +101,17 @@ TABLE = [
     ("style-checkpointing", style(GOOD, checkpointing="sometimes"),
      "(style.checkpointing): expected one of auto, on, off"),
     ("style-content-weight", style(GOOD, content_weight=-0.5), "(style.content_weight): -0.5 is out of range"),
+    ("edit-mask-in-txt2img", ("txt2img", [{"edit_mask": {}}]),
+     "(edit_mask.enabled): the automatic edit mask works in img2img"),
+    ("edit-mask-unknown-word", ("img2img", [{"edit_mask": {"words": "dog"}}]),
+     "Mask words (edit_mask.words): dog not in the prompt's first 75 tokens"),
+    ("edit-mask-threshold", ("img2img", [{"edit_mask": {"threshold": 1.5}}]),
+     "(edit_mask.threshold): 1.5 is out of range"),
+    ("edit-mask-grow-fraction", ("img2img", [{"edit_mask": {"grow": 2.5}}]), "(edit_mask.grow): expected a whole"),
+    ("edit-mask-similarities", ("img2img", [{"edit_mask": {"other_similarity": 0.95}}]),
+     "(edit_mask.other_similarity): 0.95 must not be above the object word similarity (0.9)"),
+    ("edit-mask-layers", ("img2img", [{"edit_mask": {"layers": "middle.3"}}]),
+     "(edit_mask.layers): 'middle.3' matched no layer"),
 ]
 
 

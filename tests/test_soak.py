@@ -1,4 +1,4 @@
-"""Soak: many generations with random PAG, reference-colorization and style-reference settings, batch sizes, sizes, samplers, hires on/off, exceptions
+"""Soak: many generations with random PAG, reference-colorization, style-reference and edit-mask settings, batch sizes, sizes, samplers, hires on/off, exceptions
 injected inside the UNet and interrupts at random steps, on the A1111 double.  After every generation nothing of
 ours is left on the model or in the callback lists; afterwards a reference generation equals a fresh host's, and
 the process's memory has not grown.
@@ -147,6 +147,12 @@ def test_soak_random_generations():
                         named["pag"] = {"scale": 2.0}
                     if rng.random() < 0.2:
                         named["style"] = random_style(rng)
+                    if rng.random() < 0.4:
+                        named["edit_mask"] = {"threshold": rng.choice([0.2, 0.5]), "grow": rng.choice([0, 8]),
+                                              "blur": rng.choice([0, 4]), "batch_average": rng.random() < 0.3,
+                                              "layers": rng.choice(["auto", "output.3"])}
+                        if rng.random() < 0.5:
+                            named.pop("colorize")
                     kw.pop("enable_hr", None), kw.pop("hr_scale", None), kw.pop("hr_upscaler", None)
                     kw.update(script_args=[named], denoising_strength=0.6,
                               init_images=[Image.new("RGB", (rng.choice([64, 100]), 80), (90, 90, 90))])

@@ -263,6 +263,30 @@ def test_style_reference():
     assert status >= 400 and "(style.reference)" in json.dumps(err)
 
 
+def test_edit_mask():
+    """The automatic edit mask through the API: the mask comes back as an extra image at the output size, its
+    infotext pastes back through the WebUI's own parser, the mask is accepted as the mask of a follow-up inpainting
+    run, and bad requests name their field."""
+    init = encode(_photo("cheetah1.jpg", (SIZE, SIZE)))
+    i2i = {**BASE, "prompt": "a tiger", "init_images": [init], "denoising_strength": 0.7, "batch_size": 2}
+    body = ok(call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [{"edit_mask": {"blur": 0}}]}}}))
+    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body["images"]]
+    masks = [im for im in images if im.mode == "L"]
+    assert len(masks) == 2 and all(m.size == (SIZE, SIZE) for m in masks), [im.mode for im in images]
+    text = infotext(body)
+    assert "Edit mask threshold: 0.2" in text
+    parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][0]}))
+    assert parsed["parameters"].get("Edit mask blur") in ("0", 0)
+    plain = ok(call("/sdapi/v1/img2img", {**i2i, "batch_size": 1}))
+    follow = ok(call("/sdapi/v1/img2img", {**i2i, "batch_size": 1, "mask": body["images"][-1]}))
+    assert len(follow["images"]) == 1 and not np.array_equal(pixels(follow["images"][0]), pixels(plain["images"][0]))
+    status, err = call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [{"edit_mask": {
+        "words": "dog"}}]}}})
+    assert status >= 400 and "(edit_mask.words)" in json.dumps(err)
+    status, err = txt2img([{"edit_mask": {}}])
+    assert status >= 400 and "(edit_mask.enabled)" in json.dumps(err)
+
+
 def _server_rss_mb() -> float | None:
     pid = os.environ.get("ATTN_WEBUI_PID")
     if not pid:

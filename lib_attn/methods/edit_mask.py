@@ -191,7 +191,36 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
 # probability map proportional to 1/Z, the complement of the start token's share; after min-max normalization
 # that map *is* the inverted start-token map, so an article would win the anchor vote on every image.
 FUNCTION_WORDS = frozenset(
-    ["a", "an", "the", "and", "or", "of", "on", "in", "at", "to", "with", "by", "for", "from", "into", "onto", "over", "under", "near", "its", "his", "her", "their", "this", "that", "is", "are", "be"]
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "on",
+        "in",
+        "at",
+        "to",
+        "with",
+        "by",
+        "for",
+        "from",
+        "into",
+        "onto",
+        "over",
+        "under",
+        "near",
+        "its",
+        "his",
+        "her",
+        "their",
+        "this",
+        "that",
+        "is",
+        "are",
+        "be",
+    ]
 )
 
 

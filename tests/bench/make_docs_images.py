@@ -4,6 +4,7 @@
 
 docs/colorize_tiny.jpg: grayscale input | colour reference | output of reference colorization.
 docs/style_tiny.jpg: img2img content | style image | plain img2img | img2img with the style reference.
+docs/edit_mask_tiny.jpg: init image | automatic edit mask | img2img with the mask (prompt "a tiger").
 """
 
 from __future__ import annotations
@@ -61,6 +62,23 @@ def style_sheet(out_path: pathlib.Path) -> None:
     print("wrote", out_path)
 
 
+def edit_mask_sheet(out_path: pathlib.Path) -> None:
+    init = Image.open(PHOTOS / "cheetah1.jpg").convert("RGB").resize((256, 256))
+    torch.manual_seed(0)
+    kw = dict(prompt="a tiger", negative_prompt="", seed=1, steps=10, cfg_scale=5.0, width=256, height=256,
+              sampler_name="Euler", denoising_strength=0.8, init_images=[init])
+    with a1111_host("sd1") as h:
+        h.load_script(ROOT / "scripts" / "attention_toolkit.py")
+        res = h.img2img(**kw, script_args=[{"edit_mask": {"threshold": 0.5, "grow": 0}}])
+    edited, mask = res.images[0], res.images[-1].convert("RGB")
+    sheet = Image.new("RGB", (3 * 256 + 16, 256), (255, 255, 255))
+    for i, im in enumerate((init, mask, edited)):
+        sheet.paste(im.resize((256, 256)), (i * (256 + 8), 0))
+    sheet.save(out_path, quality=88)
+    print("wrote", out_path)
+
+
 if __name__ == "__main__":
     colorize_pair(ROOT / "docs" / "colorize_tiny.jpg")
     style_sheet(ROOT / "docs" / "style_tiny.jpg")
+    edit_mask_sheet(ROOT / "docs" / "edit_mask_tiny.jpg")

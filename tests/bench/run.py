@@ -1,6 +1,6 @@
 """Benchmarks: cost of each method against plain sampling, measured in the same run.
 
-    .venv/bin/python tests/bench/run.py pag|colorize|style [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
+    .venv/bin/python tests/bench/run.py pag|colorize|style|edit_mask [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
 
 ``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
 ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
@@ -15,6 +15,12 @@ CFG 1, interleaved) and prints ``ratio colorize_vs_img2img <value>`` last.
 inner iterations, and the peak resident memory of each run above the process's level before it (Linux
 ``VmHWM``, reset between runs); ``ratio style_vs_plain_guided_step <value>`` (default settings) is last.
 ``--checkpointing on|off|auto`` picks the gradient checkpointing of the guided pass.
+
+``edit_mask`` times whole img2img generations with the automatic edit mask against plain img2img (CFG 5,
+interleaved): ``ratio edit_mask_vs_img2img``; the time the mask itself takes (its hooks timed inside the run)
+against a DiffEdit mask (10 noisings x 2 prompts in one batched UNet call, diffusers' defaults) on the same
+model: ``ratio diffedit_mask_vs_instant_mask``; and whole edits, DiffEdit's mask then the same img2img, against
+ours: ``ratio diffedit_edit_vs_instant_edit`` (a lower bound for DiffEdit, which also inverts the image).
 
 ``style_memory`` counts, on the ``meta`` device (nothing allocated, seconds), the activations the guided pass keeps
 for its backward with full-size SD1.5 (512²) and SDXL (1024²) UNets in fp16, with and without checkpointing.
@@ -141,6 +147,89 @@ def bench_colorize(args: argparse.Namespace) -> float:
     print(f"ratio colorize_vs_img2img_cpu {ratios['cpu']:.3f}")
     print(f"ratio colorize_vs_img2img {ratios['wall']:.3f}")
     return ratios["wall"]
+
+
+def bench_edit_mask(args: argparse.Namespace) -> float:
+    import gradio
+    from PIL import Image
+
+    kind, size = SIZES[args.size]
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    init = Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / "cheetah1.jpg").convert("RGB")
+    init = init.resize((size, size))
+    prompt = "a photo of a tiger"
+    spent = [0.0]  # seconds inside the mask's own code (capture, maps, mask, blends)
+
+    def timed_fn(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+        return lambda: setattr(owner, name, original)
+
+    with a1111_host(kind) as h:
+        h.load_script(SCRIPT)
+        from lib_attn.host import edit_mask_io  # the modules the loaded script uses
+        from lib_attn.methods import edit_mask as em
+
+        off, on = S.defaults().to_args(), [{"edit_mask": {}}]
+        base = dict(prompt=prompt, negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0, width=size,
+                    height=size, batch_size=args.batch, sampler_name="Euler", denoising_strength=0.5,
+                    init_images=[init])
+        model = h.modules.shared.sd_model
+        restores = [timed_fn(em, "cross_attention_probs"), timed_fn(em.MapSum, "add")]
+        restores += [timed_fn(edit_mask_io.EditMaskRun, n) for n in ("update", "blend_input", "blend_denoised")]
+
+        def generation(script_args):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            h.img2img(**base, script_args=script_args)
+            return time.perf_counter() - t0, spent[0]
+
+        z0 = model.get_first_stage_encoding(model.encode_first_stage(torch.rand(args.batch, 3, size, size) * 2 - 1))
+        conds = model.get_learned_conditioning([prompt, ""])
+        t_mid = torch.tensor(500.0)
+
+        def eps(x, sigma, how):
+            target, source, n = how
+            c = torch.cat([target.expand(n, -1, -1), source.expand(n, -1, -1)])
+            return model.apply_model(x, t_mid.expand(x.shape[0]), {"c_crossattn": [c]})
+
+        def diffedit():
+            t0 = time.perf_counter()
+            em.diffedit_mask(eps, z0, 1.0, conds[:1], conds[1:], samples=10)
+            return time.perf_counter() - t0
+
+        try:
+            generation(on), generation(off), diffedit()  # warm-up
+            plain_t, edit_t, mask_t, diff_t = [], [], [], []
+            for _ in range(args.repeat):
+                plain_t.append(generation(off)[0])
+                t, m = generation(on)
+                edit_t.append(t)
+                mask_t.append(m)
+                diff_t.append(diffedit())
+        finally:
+            for r in restores:
+                r()
+    med = statistics.median
+    plain, edit, mask, diff = med(plain_t), med(edit_t), med(mask_t), med(diff_t)
+    print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps at strength 0.5 x {args.repeat} runs, "
+          f"CFG 5, torch threads {torch.get_num_threads()})")
+    print(f"img2img {plain * 1000:8.1f} ms   with edit mask {edit * 1000:8.1f} ms   of which the mask's own code "
+          f"{mask * 1000:7.1f} ms   DiffEdit mask (2x10 rows) {diff * 1000:8.1f} ms")
+    print(f"ratio diffedit_mask_vs_instant_mask {diff / mask:.3f}")
+    print(f"ratio diffedit_edit_vs_instant_edit {(diff + plain) / edit:.3f}")
+    print(f"ratio edit_mask_vs_img2img {edit / plain:.3f}")
+    return edit / plain
 
 
 def _reset_peak_rss() -> float:
@@ -320,7 +409,13 @@ def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
     return full
 
 
-BENCHES = {"pag": bench_pag, "colorize": bench_colorize, "style": bench_style, "style_memory": bench_style_memory}
+BENCHES = {
+    "pag": bench_pag,
+    "colorize": bench_colorize,
+    "style": bench_style,
+    "style_memory": bench_style_memory,
+    "edit_mask": bench_edit_mask,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
