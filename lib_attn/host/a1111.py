@@ -300,9 +300,9 @@ class A1111Session(Session):
         plan, si = self.plan.style, self.style
         x, sigma, text, ic = inp["x"], inp["sigma"], inp["text"], inp["image_cond"]
         n = x.shape[0]
-        ref_of = si.ref_index(n)
         denoised = _to_denoised(den, x, sigma, out)
         z_ref = si.latents(self.p, _encode, x.shape, x)
+        rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, self.step, plan.content_weight > 0)
         target = denoised
         if plan.adain:
             target = col.adain(denoised.float(), z_ref[ref_of].float()).to(denoised.dtype)
@@ -310,15 +310,14 @@ class A1111Session(Session):
         rec = self.recorder
         rec.clear()
         # one capture call (no grad): the references (and the img2img content) noised to this level
-        rows, clean, noise, owner, ref_of = si.capture_batch(self.p, _encode, x, self.step, plan.content_weight > 0)
         x_cap = _noised(den, clean, noise, sigma[owner])
-        rec.capture_rows, rec.ref_of = rows, ref_of
-        with style.builtin_checkpointing_off(unet), torch.inference_mode(False), torch.no_grad():
-            rec.mode = "capture"
-            try:
-                den.inner_model(x_cap, sigma[owner], cond=self._style_cond(text, ic, owner, x))
-            finally:
-                rec.mode = None
+        with (
+            style.builtin_checkpointing_off(unet),
+            torch.inference_mode(False),
+            torch.no_grad(),
+            rec.capturing(rows, ref_of),
+        ):
+            den.inner_model(x_cap, sigma[owner], cond=self._style_cond(text, ic, owner, x))
         cond = self._style_cond(text, ic, list(range(n)), x)
         # the inner steps start from the latent of the (AdaIN-matched) prediction at this noise level
         c = _x_per_denoised(den, sigma, x)

@@ -209,23 +209,16 @@ class ForgeSession(Session):
         conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
         with torch.inference_mode(False):
             x, sigma, d = args["input"].clone(), args["sigma"].clone(), denoised.clone()
-            n = x.shape[0]
-            ref_of = si.ref_index(n)
             z_ref = si.latents(self.p, _encode, x.shape, x).clone()
+            rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, self.step, plan.content_weight > 0)
             target = col.adain(d.float(), z_ref[ref_of].float()).to(d.dtype) if plan.adain else d
-            rows, clean, noise, owner, ref_of = si.capture_batch(self.p, _encode, x, self.step, plan.content_weight > 0)
             x_cap = clean + noise * sigma[owner].view(-1, 1, 1, 1)
         options = _with_transformer_option(args["model_options"], _MODE, "off")
         calc = _calc_cond_uncond_batch()
         unet = model.diffusion_model
         rec.clear()
-        rec.capture_rows, rec.ref_of = rows, ref_of
-        with torch.inference_mode(False), torch.no_grad():
-            rec.mode = "capture"
-            try:
-                calc(model, conds, None, x_cap, sigma[owner], options)
-            finally:
-                rec.mode = None
+        with torch.inference_mode(False), torch.no_grad(), rec.capturing(rows, ref_of):
+            calc(model, conds, None, x_cap, sigma[owner], options)
         with torch.inference_mode(False):
             start = x + (target - d)  # the latent of the (AdaIN-matched) prediction at this noise level
         with style.normal_weights(unet), style.snapshot_saved_tensors(unet):
