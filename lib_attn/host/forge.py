@@ -109,7 +109,13 @@ class ForgeSession(Session):
         if unet is None:
             raise _unsupported_error(self.p)
         clean_leftovers(unet)
-        check_settings_against(unet, self.settings)
+        plans = check_settings_against(unet, self.settings)
+        if self.settings.style.checkpointing == "on" and any(plan.style is not None for plan in plans):
+            # Forge's blocks add in place: recomputed activations would be overwritten (wrong gradients)
+            raise FIELD_BY_KEY["style_checkpointing"].error(
+                "gradient checkpointing is not available on Forge (its transformer blocks add in place, "
+                "which makes recomputed gradients wrong); use auto or off"
+            )
         if self.colorize is not None:
             self.colorize.encode(self.p, _encode)
         if self.style is not None:
@@ -156,15 +162,6 @@ class ForgeSession(Session):
         if self.plan.style is not None:
             self.recorder = style.Recorder(self.plan.style.tau, self.plan.style.content_weight)
             self._style_keys = {k.forge_key for k in self.plan.style.layers}
-            if self.settings.style.checkpointing == "on":
-                # Forge's blocks add in place: recomputed activations would be overwritten (wrong gradients)
-                self.fail(
-                    FIELD_BY_KEY["style_checkpointing"].error(
-                        "gradient checkpointing is not available on Forge (its transformer blocks add in place, "
-                        "which makes recomputed gradients wrong); use auto or off"
-                    )
-                )
-                return
         for key in set(self._col_params) | self._style_keys:
             clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
         fo.unet = clone
