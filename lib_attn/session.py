@@ -148,13 +148,13 @@ class Session:
             raise err
 
 
-def check_settings_against(unet: nn.Module, settings: Settings) -> None:
-    """Validate model-dependent settings (layer selectors) for both passes before sampling starts."""
+def check_settings_against(unet: nn.Module, settings: Settings) -> tuple[PassPlan, PassPlan]:
+    """Validate model-dependent settings (layer selectors) for both passes before sampling starts; returns the
+    plans of the first pass and the hires pass (for a host's own checks)."""
     available = layer_keys(unet)
     if not available:
         raise SettingsError("model", "Model", "this model has no UNet attention layers the toolkit can hook")
-    plan_pass(settings, False, available, layer_widths(unet, available))
-    plan_pass(settings, True, available)
+    return plan_pass(settings, False, available, layer_widths(unet, available)), plan_pass(settings, True, available)
 
 
 _SAMPLE_ATTR = "sample"

@@ -495,9 +495,18 @@ def test_snapshot_of_saved_tensors_makes_in_place_blocks_differentiable_and_chec
     assert not torch.allclose(wrong, want, atol=1e-6)
 
 
-def test_forge_refuses_checkpointing_on_by_name():
+def test_forge_refuses_checkpointing_on_by_name_before_sampling():
+    refused = r"\(style.checkpointing\): gradient checkpointing is not available"
     with forge_host("sd1") as h:
         h.load_script(SCRIPT)
-        with pytest.raises(S.SettingsError, match=r"\(style.checkpointing\): gradient checkpointing is not available"):
+        with pytest.raises(S.SettingsError, match=refused):
             h.txt2img(**{**BASE, "steps": 2}, script_args=style_args(photo("lion.jpg"), checkpointing="on"))
+        assert h.unet_calls == []  # refused in the settings check: no sampling step ran
+        assert h.callback_count() == 0
+        # style only in the hires pass: refused before the first pass too
+        hires_only = style_args(photo("lion.jpg"), strength=0.0, hires="own", hires_strength=0.1, checkpointing="on")
+        hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.6)
+        with pytest.raises(S.SettingsError, match=refused):
+            h.txt2img(**{**BASE, "steps": 2, **hr}, script_args=hires_only)
+        assert h.unet_calls == []
         assert h.callback_count() == 0

@@ -377,9 +377,9 @@ class A1111Session(Session):
         plan, si = self.plan.style, self.style
         x, sigma, text, ic = inp["x"], inp["sigma"], inp["text"], inp["image_cond"]
         n = x.shape[0]
-        ref_of = si.ref_index(n)
         denoised = _to_denoised(den, x, sigma, out)
         z_ref = si.latents(self.p, _encode, x.shape, x)
+        rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, self.step, plan.content_weight > 0)
         target = denoised
         if plan.adain:
             target = col.adain(denoised.float(), z_ref[ref_of].float()).to(denoised.dtype)
@@ -387,15 +387,14 @@ class A1111Session(Session):
         rec = self.recorder
         rec.clear()
         # one capture call (no grad): the references (and the img2img content) noised to this level
-        rows, clean, noise, owner, ref_of = si.capture_batch(self.p, _encode, x, self.step, plan.content_weight > 0)
         x_cap = _noised(den, clean, noise, sigma[owner])
-        rec.capture_rows, rec.ref_of = rows, ref_of
-        with style.builtin_checkpointing_off(unet), torch.inference_mode(False), torch.no_grad():
-            rec.mode = "capture"
-            try:
-                den.inner_model(x_cap, sigma[owner], cond=self._style_cond(text, ic, owner, x))
-            finally:
-                rec.mode = None
+        with (
+            style.builtin_checkpointing_off(unet),
+            torch.inference_mode(False),
+            torch.no_grad(),
+            rec.capturing(rows, ref_of),
+        ):
+            den.inner_model(x_cap, sigma[owner], cond=self._style_cond(text, ic, owner, x))
         cond = self._style_cond(text, ic, list(range(n)), x)
         # the inner steps start from the latent of the (AdaIN-matched) prediction at this noise level
         c = _x_per_denoised(den, sigma, x)
@@ -588,10 +587,9 @@ class A1111Session(Session):
 
     @staticmethod
     def _timestep(den: Any, sigma: torch.Tensor) -> float | None:
-        inner = getattr(den, "inner_model", None)
         s = sigma[:1]
-        if hasattr(inner, "sigma_to_t"):
-            return float(inner.sigma_to_t(s)[0])
+        if _is_kdiffusion(den):
+            return float(den.inner_model.sigma_to_t(s)[0])
         return float(s[0])  # timestep samplers (DDIM/PLMS/UniPC) pass the timestep as "sigma"
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -660,10 +658,16 @@ def _condition(text: Any, image_cond: torch.Tensor | None, text_uncond: Any, x: 
     return {"c_crossattn": [text], "c_concat": [image_cond]}
 
 
+def _is_kdiffusion(den: Any) -> bool:
+    """Whether the CFG denoiser ``den`` runs a k-diffusion sampler: those wrap the model in a k-diffusion denoiser
+    (which has ``sigma_to_t``) and pass sigmas; A1111's timestep samplers (DDIM/PLMS/UniPC) pass timesteps."""
+    return hasattr(getattr(den, "inner_model", None), "sigma_to_t")
+
+
 def _noised(den: Any, z: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``z`` brought to the model input of the current step: k-diffusion samplers take ``z + sigma*noise``;
     A1111's timestep samplers (DDIM/PLMS/UniPC) pass timesteps and take ``sqrt(a)*z + sqrt(1-a)*noise``."""
-    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+    if _is_kdiffusion(den):
         return z + noise * sigma.view(-1, 1, 1, 1).to(z)
     a = _alpha(den, sigma, z)
     return a.sqrt() * z + (1 - a).sqrt() * noise
@@ -686,7 +690,7 @@ def _alpha(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _x_per_denoised(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
     """How much the model input moves per unit of the x0 prediction at a fixed noise: 1 for k-diffusion
     (``x = x0 + sigma * eps``), ``sqrt(a)`` for the timestep samplers (``x = sqrt(a) x0 + sqrt(1-a) eps``)."""
-    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+    if _is_kdiffusion(den):
         return 1.0
     return _alpha(den, sigma, like).sqrt()
 
@@ -694,14 +698,14 @@ def _x_per_denoised(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.
 def _to_denoised(den: Any, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The x0 prediction of a step's output: k-diffusion outputs are x0 already; the timestep samplers' eps
     gives ``(x - sqrt(1-a) eps) / sqrt(a)``."""
-    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+    if _is_kdiffusion(den):
         return out
     a = _alpha(den, sigma, x)
     return (x - (1 - a).sqrt() * out) / a.sqrt()
 
 
 def _from_denoised(den: Any, x: torch.Tensor, sigma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+    if _is_kdiffusion(den):
         return d
     a = _alpha(den, sigma, x)
     return (x - a.sqrt() * d) / (1 - a).sqrt()

@@ -112,7 +112,13 @@ class ForgeSession(Session):
         if unet is None:
             raise _unsupported_error(self.p)
         clean_leftovers(unet)
-        check_settings_against(unet, self.settings)
+        plans = check_settings_against(unet, self.settings)
+        if self.settings.style.checkpointing == "on" and any(plan.style is not None for plan in plans):
+            # Forge's blocks add in place: recomputed activations would be overwritten (wrong gradients)
+            raise FIELD_BY_KEY["style_checkpointing"].error(
+                "gradient checkpointing is not available on Forge (its transformer blocks add in place, "
+                "which makes recomputed gradients wrong); use auto or off"
+            )
         if self.colorize is not None:
             self.colorize.encode(self.p, _encode)
         if self.style is not None:
@@ -219,15 +225,6 @@ class ForgeSession(Session):
         if self.plan.style is not None:
             self.recorder = style.Recorder(self.plan.style.tau, self.plan.style.content_weight)
             self._style_keys = {k.forge_key for k in self.plan.style.layers}
-            if self.settings.style.checkpointing == "on":
-                # Forge's blocks add in place: recomputed activations would be overwritten (wrong gradients)
-                self.fail(
-                    FIELD_BY_KEY["style_checkpointing"].error(
-                        "gradient checkpointing is not available on Forge (its transformer blocks add in place, "
-                        "which makes recomputed gradients wrong); use auto or off"
-                    )
-                )
-                return
         for key in set(self._col_params) | self._style_keys:
             clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
         if self.plan.edit is not None and self.edit is not None:
@@ -279,23 +276,16 @@ class ForgeSession(Session):
         conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
         with torch.inference_mode(False):
             x, sigma, d = args["input"].clone(), args["sigma"].clone(), denoised.clone()
-            n = x.shape[0]
-            ref_of = si.ref_index(n)
             z_ref = si.latents(self.p, _encode, x.shape, x).clone()
+            rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, self.step, plan.content_weight > 0)
             target = col.adain(d.float(), z_ref[ref_of].float()).to(d.dtype) if plan.adain else d
-            rows, clean, noise, owner, ref_of = si.capture_batch(self.p, _encode, x, self.step, plan.content_weight > 0)
             x_cap = clean + noise * sigma[owner].view(-1, 1, 1, 1)
         options = _with_transformer_option(args["model_options"], _MODE, "off")
         calc = _calc_cond_uncond_batch()
         unet = model.diffusion_model
         rec.clear()
-        rec.capture_rows, rec.ref_of = rows, ref_of
-        with torch.inference_mode(False), torch.no_grad():
-            rec.mode = "capture"
-            try:
-                calc(model, conds, None, x_cap, sigma[owner], options)
-            finally:
-                rec.mode = None
+        with torch.inference_mode(False), torch.no_grad(), rec.capturing(rows, ref_of):
+            calc(model, conds, None, x_cap, sigma[owner], options)
         with torch.inference_mode(False):
             start = x + (target - d)  # the latent of the (AdaIN-matched) prediction at this noise level
         with style.normal_weights(unet), style.snapshot_saved_tensors(unet):

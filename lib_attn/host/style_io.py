@@ -72,13 +72,13 @@ class StyleInputs:
             rows.append(torch.randn(tuple(shape[-3:]), generator=g, dtype=torch.float32))
         return torch.stack(rows).to(like)
 
-    def capture_batch(self, p: Any, encode: Any, x: torch.Tensor, step: int, content: bool) -> tuple:
-        """Rows of the capture call for latents ``x`` (B, C, h, w): the style images (one per distinct reference,
-        owned by its first image) and, with ``content``, img2img's init latents.  Returns ``(rows, clean latents,
-        noise, owner image per row, ref_of)``; the caller noises them the host's way."""
+    def capture_batch(self, z_ref: torch.Tensor, x: torch.Tensor, step: int, content: bool) -> tuple:
+        """Rows of the capture call for latents ``x`` (B, C, h, w): the style images (``z_ref``, their ``latents``
+        at this size; one row per distinct reference, owned by its first image) and, with ``content``, img2img's
+        init latents.  Returns ``(rows, clean latents, noise, owner image per row, ref_of)`` (``ref_of[i]``: the
+        reference of image i); the caller noises them the host's way."""
         n = x.shape[0]
         ref_of = self.ref_index(n)
-        z_ref = self.latents(p, encode, x.shape, x)
         refs = sorted(set(ref_of))
         owner = [ref_of.index(r) for r in refs]
         rows = [("ref", r) for r in refs]

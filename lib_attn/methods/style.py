@@ -90,6 +90,28 @@ class Recorder:
         self.mode = None
         self.refs, self.content, self.terms = {}, {}, []
 
+    @contextlib.contextmanager
+    def capturing(self, rows: Sequence[tuple[str, int]], ref_of: Sequence[int]) -> Iterator[None]:
+        """The capture call: ``rows`` says what each of its rows is, ``ref_of`` the reference of each guided row
+        (kept for the guided pass); the hooks record K, V (references) and Q (content).  Mode None after."""
+        self.capture_rows, self.ref_of = rows, ref_of
+        self.mode = "capture"
+        try:
+            yield
+        finally:
+            self.mode = None
+
+    @contextlib.contextmanager
+    def guided(self) -> Iterator[None]:
+        """A guided call: the hooks compute the loss terms.  The mode found on entry is back after (a checkpointed
+        block runs in it both inside a guided call and, for the recomputation in backward, after it)."""
+        saved = self.mode
+        self.mode = "guided"
+        try:
+            yield
+        finally:
+            self.mode = saved
+
     def attend(self, layer: object, q: Tensor, k: Tensor, v: Tensor, n_heads: int) -> Tensor:
         """Attention output (before ``to_out``) of a chosen self-attention layer, recording as the mode says."""
         o = attention(q, k, v, n_heads)
@@ -202,12 +224,8 @@ def checkpointed(recorder: Recorder) -> Callable[..., object]:
 
         def run(*a: object, **kw: object) -> object:
             # the recomputation in backward runs after the guided call returned: replay it in the guided mode
-            saved = recorder.mode
-            recorder.mode = "guided"
-            try:
+            with recorder.guided():
                 return call_next(*a, **kw)
-            finally:
-                recorder.mode = saved
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
@@ -243,11 +261,8 @@ def guided_displacement(
         for _ in range(iters):
             opt.zero_grad(set_to_none=True)
             recorder.terms = []
-            recorder.mode = "guided"
-            try:
+            with recorder.guided():
                 forward(z.to(x.dtype))
-            finally:
-                recorder.mode = None
             loss = recorder.loss()
             if loss is None:
                 raise RuntimeError("Attention Toolkit: the style layers were not reached by the model call")
