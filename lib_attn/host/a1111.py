@@ -675,7 +675,7 @@ def _noised(den: Any, z: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor)
 
 def _noise_of(den: Any, x: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The noise that makes ``x`` from ``z`` at this step (the inverse of :func:`_noised`)."""
-    if hasattr(getattr(den, "inner_model", None), "sigma_to_t"):
+    if _is_kdiffusion(den):
         return (x - z) / sigma.view(-1, 1, 1, 1).to(x)
     a = _alpha(den, sigma, z)
     return (x - a.sqrt() * z) / (1 - a).sqrt()

@@ -105,19 +105,27 @@ def bench_pag(args: argparse.Namespace) -> float:
     return ratios["wall"]
 
 
-def bench_colorize(args: argparse.Namespace) -> float:
-    """Whole img2img generations (encode, sampling, decode, post-processing) with reference colorization
-    against plain img2img with the same steps, interleaved."""
-    import gradio
-    from PIL import Image
-
-    kind, size = SIZES[args.size]
+def _setup(args: argparse.Namespace) -> tuple[str, int]:
+    """No grad, the thread count asked for; the model kind and image size of ``--size``."""
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    photos = pathlib.Path(gradio.__file__).parent / "test_data"
-    init = Image.open(photos / "cheetah1.jpg").convert("L").convert("RGB").resize((size, size))
-    ref = Image.open(photos / "lion.jpg").convert("RGB")
+    return SIZES[args.size]
+
+
+def _photo(name: str):
+    import gradio
+    from PIL import Image
+
+    return Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / name).convert("RGB")
+
+
+def bench_colorize(args: argparse.Namespace) -> float:
+    """Whole img2img generations (encode, sampling, decode, post-processing) with reference colorization
+    against plain img2img with the same steps, interleaved."""
+    kind, size = _setup(args)
+    init = _photo("cheetah1.jpg").convert("L").convert("RGB").resize((size, size))
+    ref = _photo("lion.jpg")
     with a1111_host(kind) as h:
         h.load_script(SCRIPT)
         off = S.defaults().to_args()
@@ -150,15 +158,8 @@ def bench_colorize(args: argparse.Namespace) -> float:
 
 
 def bench_edit_mask(args: argparse.Namespace) -> float:
-    import gradio
-    from PIL import Image
-
-    kind, size = SIZES[args.size]
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    init = Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / "cheetah1.jpg").convert("RGB")
-    init = init.resize((size, size))
+    kind, size = _setup(args)
+    init = _photo("cheetah1.jpg").resize((size, size))
     prompt = "a photo of a tiger"
     spent = [0.0]  # seconds inside the mask's own code (capture, maps, mask, blends)
 
@@ -250,14 +251,8 @@ def _status_mb(key: str) -> float:
 def bench_style(args: argparse.Namespace) -> float:
     import gc
 
-    import gradio
-    from PIL import Image
-
-    kind, size = SIZES[args.size]
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ref = Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / "lion.jpg").convert("RGB")
+    kind, size = _setup(args)
+    ref = _photo("lion.jpg")
     default_iters = S.FIELD_BY_KEY["style_iters"].default
     variants = {"plain": S.defaults().to_args()}
     for n in sorted({1, default_iters, 3}):
