@@ -142,6 +142,11 @@ class Session:
         self.plan = None
         self.pass_key = None
 
+    @contextlib.contextmanager
+    def follow_up(self):
+        """Yields whether the host should sample once more, with what the session set up for it."""
+        yield False
+
     def raise_pending(self) -> None:
         if self.error is not None:
             err, self.error = self.error, None
@@ -172,6 +177,9 @@ def attach(p: object, session: Session) -> None:
         with session.sampling():
             result = original(*args, **kwargs)
         session.raise_pending()
+        with session.follow_up() as again:  # a second host sampling call some methods ask for (edit mask inpaint)
+            if again:
+                result = original(*args, **kwargs)
         return result
 
     setattr(sample, _ORIGINAL, original)

@@ -639,6 +639,18 @@ FIELDS: tuple[Field, ...] = (
         True,
         help="Add each image's mask (white = edited) to the results, in the UI gallery and the API's images.",
     ),
+    Field(
+        "edit_mask",
+        "final",
+        "Final pass",
+        "Edit mask final",
+        "choice",
+        "blend",
+        choices=("blend", "inpaint"),
+        help="blend: the edited latent is the result. inpaint: then one more img2img inpainting pass over the "
+        "init image with the final mask and the same prompt, steps and strength (the paper's fallback; best with "
+        "an inpainting checkpoint).",
+    ),
 )
 
 SECTION_TITLES: dict[str, str] = {
@@ -744,6 +756,7 @@ class EditMaskSettings:
     other_similarity: float = 0.6
     batch_average: bool = False
     show: bool = True
+    final: str = "blend"
 
     @property
     def active(self) -> bool:

@@ -110,6 +110,8 @@ TABLE = [
     ("edit-mask-grow-fraction", ("img2img", [{"edit_mask": {"grow": 2.5}}]), "(edit_mask.grow): expected a whole"),
     ("edit-mask-similarities", ("img2img", [{"edit_mask": {"other_similarity": 0.95}}]),
      "(edit_mask.other_similarity): 0.95 must not be above the object word similarity (0.9)"),
+    ("edit-mask-final", ("img2img", [{"edit_mask": {"final": "sometimes"}}]),
+     "Final pass (edit_mask.final): expected one of blend, inpaint"),
     ("edit-mask-layers", ("img2img", [{"edit_mask": {"layers": "middle.3"}}]),
      "(edit_mask.layers): 'middle.3' matched no layer"),
 ]

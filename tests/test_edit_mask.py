@@ -18,7 +18,7 @@ from lib_attn import settings as S
 from lib_attn.layers import keys_from_module_names
 from lib_attn.methods import edit_mask as em
 from tests.fakes.a1111_double import a1111_host, info_of
-from tests.support.tiny import make_unet
+from tests.support.tiny import make_sd_model, make_unet
 from tests.test_colorize import photo
 from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
 
@@ -351,3 +351,93 @@ def test_forge_masks_blend_and_output(monkeypatch):
     assert out.any() and (~out).any()
     assert torch.allclose(res.samples[out], z0[out], atol=1e-5)  # the source where the mask is 0
     assert (res.samples[~out] - plain[~out]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# the final inpainting pass, and the mask with colorization
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inpainting_model", [False, True])
+def test_final_inpainting_pass_runs_the_hosts_inpainting_with_the_final_mask(monkeypatch, inpainting_model):
+    """The second pass is the host's own img2img with ``p.mask``/``p.nmask`` from the final mask: outside it the
+    result is the init latent exactly, inside it differs from the blend-only result; an inpainting checkpoint gets
+    the host's inpainting conditioning (the mask and the masked init image)."""
+    init = photo("cheetah1.jpg")
+    models = {"inpaint": lambda: make_sd_model("sd1", inpainting=True)} if inpainting_model else None
+    with a1111_host("sd1", dtype=torch.float64, models=models) as h:
+        if inpainting_model:
+            sd_models = h.modules.sd_models
+            sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("inpaint"))
+        h.load_script(SCRIPT)
+        finals = record_finals(monkeypatch)
+        conds = []
+        cls = h.modules.processing.StableDiffusionProcessingImg2Img
+        orig = cls.img2img_image_conditioning
+
+        def spy_ic(self, source, latent, image_mask=None, round_image_mask=True):
+            out = orig(self, source, latent, image_mask, round_image_mask)
+            conds.append((image_mask, out))
+            return out
+
+        monkeypatch.setattr(cls, "img2img_image_conditioning", spy_ic)
+        blend = h.img2img(script_args=edit_args(blur=0, grow=0), init_images=[init], batch_size=2, **BASE)
+        inpaint = h.img2img(script_args=edit_args(blur=0, grow=0, final="inpaint"), init_images=[init],
+                            batch_size=2, **BASE)
+        assert not h.errors
+        assert_no_leftovers(h)
+        assert "Edit mask final: inpaint" in inpaint.infotexts[0]
+    m, z0 = finals[-1]["mask"], finals[-1]["z0"]
+    assert torch.equal(finals[0]["mask"], m)  # the same edit pass, so the same mask
+    out = (m == 0).expand_as(z0)
+    assert out.any() and (~out).any()
+    assert torch.allclose(inpaint.samples[out], z0[out], atol=1e-9)
+    assert (inpaint.samples[~out] - blend.samples[~out]).abs().max() > 1e-3
+    # the inpainting pass asked the host for conditioning with the mask at image size (1 = edited)
+    image_mask, ic = conds[-1]
+    assert torch.is_tensor(image_mask) and image_mask.shape == (2, 1, BASE["height"], BASE["width"])
+    assert torch.equal(F.interpolate(image_mask, size=m.shape[-2:]), m.to(image_mask))
+    if inpainting_model:
+        assert ic.shape[1] == 5 and torch.equal(ic[:, :1], m.to(ic))
+    # and the generation after it is plain again
+    assert len(inpaint.images) == 4
+
+
+def test_edit_mask_limits_colorization_to_the_mask(monkeypatch):
+    """Both on in one img2img: the colour transfer acts only inside the mask; outside it, the result is the gray
+    input's latent exactly (the tiny model's stand-in VAE cannot show colours, so this is checked on latents)."""
+    from tests.test_colorize import small
+
+    init, ref = small("cheetah1.jpg"), photo("lion.jpg")
+    kw = {**BASE, "prompt": "a cheetah", "cfg_scale": 3.0}
+    with a1111_host("sd1", dtype=torch.float64) as h:
+        h.load_script(SCRIPT)
+        finals = record_finals(monkeypatch)
+        both = h.img2img(script_args=[{"colorize": {"reference": ref}, "edit_mask": {"blur": 0, "grow": 0}}],
+                         init_images=[init], **kw)
+        colour = h.img2img(script_args=[{"colorize": {"reference": ref}}], init_images=[init], **kw)
+        assert not h.errors
+        assert_no_leftovers(h)
+    m, z0 = finals[0]["mask"], finals[0]["z0"]
+    out = (m == 0).expand_as(z0)
+    assert out.any() and (~out).any() and len(both.images) == 2
+    assert torch.allclose(both.samples[out], z0[out], atol=1e-9)  # the gray input, untouched
+    assert (colour.samples[out] - z0[out]).abs().max() > 1e-3  # where colorization alone would have acted
+    assert (both.samples[~out] - z0[~out]).abs().max() > 1e-3
+
+
+def test_forge_final_inpainting_pass(monkeypatch):
+    from tests.fakes.forge_env import forge_host
+
+    init = photo("cheetah2.jpg")
+    with forge_host("sd1") as h:
+        h.load_script(SCRIPT)
+        finals = record_finals(monkeypatch)
+        blend = h.img2img(**BASE, init_images=[init], script_args=edit_args(blur=0, grow=0))
+        res = h.img2img(**BASE, init_images=[init], script_args=edit_args(blur=0, grow=0, final="inpaint"))
+        assert h.callback_count() == 0
+        again = h.img2img(**BASE, init_images=[init], script_args=edit_args(blur=0, grow=0))
+    m, z0 = finals[1]["mask"], finals[1]["z0"]
+    out = (m == 0).expand_as(z0)
+    assert out.any() and (~out).any()
+    assert torch.allclose(res.samples[out], z0[out], atol=1e-5)
+    assert (res.samples[~out] - blend.samples[~out]).abs().max() > 1e-3
+    assert torch.equal(again.samples, blend.samples)  # nothing of the inpainting pass carried over

@@ -59,6 +59,7 @@ EXAMPLE_ALL = {
     "edit_mask_other_similarity": 0.5,
     "edit_mask_batch_average": True,
     "edit_mask_show": False,
+    "edit_mask_final": "inpaint",
 }
 
 

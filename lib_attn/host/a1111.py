@@ -136,6 +136,17 @@ class A1111Session(Session):
             self.end_pass()
             self._step = None
 
+    @contextlib.contextmanager
+    def follow_up(self):
+        """Edit mask with the inpainting final pass: the host samples once more, as an inpainting run with the
+        final masks; none of our hooks is active then (they live inside ``sampling``)."""
+        run = self.edit
+        if run is None or run.settings.final != "inpaint" or run.final is None or self.error is not None:
+            yield False
+            return
+        with run.inpainting(self.p):
+            yield True
+
     def end_pass(self) -> None:
         super().end_pass()
         self._call = None

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class EditMaskRun:
         self.plan: em.EditMaskPlan | None = None
         self.results: list[Tensor] = []  # final (h, w) masks of every image so far, in output order
         self.sizes: list[tuple[int, int]] = []  # the image size of each result
+        self.final: Tensor | None = None  # the last batch's final masks (B, 1, h, w)
         self._reset()
 
     @classmethod
@@ -137,10 +139,35 @@ class EditMaskRun:
         return em.blend(d, self.z0.to(d), self.mask.to(d))
 
     def finish_batch(self, image_size: tuple[int, int]) -> None:
+        self.final = self.mask
         if self.mask is not None:
             self.results.extend(m[0].detach().float().cpu() for m in self.mask)
             self.sizes.extend([image_size] * self.mask.shape[0])
         self._reset()
+
+    @contextlib.contextmanager
+    def inpainting(self, p: Any) -> Iterator[None]:
+        """Scope of the optional final pass: the host's own img2img sampling runs again as an inpainting run with
+        the final masks: ``p.mask`` / ``p.nmask`` (1 = keep / regenerate, broadcast over the batch) and the
+        image conditioning built by the host from the init image (decoded from the init latent, so crops and
+        resize modes match) and the mask at image size.  Everything is put back afterwards."""
+        m = self.final
+        z0 = getattr(p, "init_latent", None)
+        if m is None or not isinstance(z0, Tensor):
+            yield
+            return
+        saved = {k: getattr(p, k, None) for k in ("mask", "nmask", "image_conditioning")}
+        m = m.round().to(z0)  # the host's masks are binary (mask_round)
+        try:
+            with torch.no_grad():
+                source = p.sd_model.decode_first_stage(z0).clamp(-1, 1)
+                full = F.interpolate(m.float(), size=source.shape[-2:], mode="nearest").to(source)
+                p.image_conditioning = p.img2img_image_conditioning(source, z0, full, True)
+            p.mask, p.nmask = 1.0 - m, m
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(p, k, v)
 
     def images(self) -> list[Image.Image]:
         """The final masks as grayscale images at the output size (white = edited), usable as an img2img mask."""

@@ -105,6 +105,7 @@ class ForgeSession(Session):
         self.style_losses: list[list[float]] = []
         self.edit = edit_mask_io.EditMaskRun.prepare(p, settings) if settings.edit_mask.enabled else None
         self._edit_seen: set = set()  # (step, layer) pairs whose maps are in: one call per step counts
+        self._inpainting = False  # the edit mask's final inpainting pass runs unpatched
 
     @contextlib.contextmanager
     def sampling(self):
@@ -134,6 +135,25 @@ class ForgeSession(Session):
         finally:
             script_callbacks.remove_callbacks_for_function(self.on_cfg_denoiser)
             self.end_pass()
+
+    @contextlib.contextmanager
+    def follow_up(self):
+        """Edit mask with the inpainting final pass: the host samples once more with fresh, unpatched
+        ``forge_objects`` (as Forge sets them before a pass) and the final masks."""
+        run = self.edit
+        if run is None or run.settings.final != "inpaint" or run.final is None or self.error is not None:
+            yield False
+            return
+        sd_model = self.p.sd_model
+        fresh = getattr(sd_model, "forge_objects_after_applying_lora", None)
+        if fresh is not None:
+            sd_model.forge_objects = fresh.shallow_copy()
+        self._inpainting = True
+        try:
+            with run.inpainting(self.p):
+                yield True
+        finally:
+            self._inpainting = False
 
     def on_cfg_denoiser(self, params: Any) -> None:
         self.step, self.total_steps = params.sampling_step, params.total_sampling_steps
@@ -196,7 +216,7 @@ class ForgeSession(Session):
     def patch_unet(self, p: Any) -> None:
         """Called from ``process_before_every_sampling``: patch a clone of ``forge_objects.unet``."""
         fo = p.sd_model.forge_objects
-        if getattr(fo.unet, _CLONE_MARK, None) is self:
+        if self._inpainting or getattr(fo.unet, _CLONE_MARK, None) is self:
             return  # already patched for this pass (Forge calls the hook twice in the hires pass)
         self.patches.remove()  # block wrappers of the previous pass
         unet_module = getattr(fo.unet.model, "diffusion_model", None)

@@ -94,11 +94,29 @@ class StableDiffusionProcessing:
         self.uc = prompt_parser.get_learned_conditioning(self.sd_model, self.negative_prompts, self.steps)
         self.c = prompt_parser.get_multicond_learned_conditioning(self.sd_model, self.prompts, self.steps)
 
-    def image_conditioning(self, x, mask=None):
+    def txt2img_image_conditioning(self, x, width=None, height=None):
+        """As A1111's: an inpainting model gets a full mask and a zero image; other models a dummy."""
         if getattr(self.sd_model, "inpainting", False):
-            m = torch.ones_like(x[:, :1]) if mask is None else mask.expand(x.shape[0], 1, *x.shape[2:]).to(x)
-            return torch.cat([m, x * 0 if mask is None else x], dim=1)
+            return torch.cat([torch.ones_like(x[:, :1]), x * 0], dim=1)
         return x.new_zeros(x.shape[0], 5, 1, 1)
+
+    def img2img_image_conditioning(self, source_image, latent_image, image_mask=None, round_image_mask=True):
+        """As A1111's ``inpainting_image_conditioning`` for inpainting models (the mask, tensor or PIL, and the
+        encoded source with the masked part zeroed), else a dummy.  ``source_image`` is in [-1, 1]."""
+        if not getattr(self.sd_model, "inpainting", False):
+            return latent_image.new_zeros(latent_image.shape[0], 5, 1, 1)
+        if image_mask is None:
+            m = source_image.new_ones(1, 1, *source_image.shape[-2:])
+        elif torch.is_tensor(image_mask):
+            m = image_mask
+        else:
+            m = torch.from_numpy(np.asarray(image_mask.convert("L"), dtype=np.float32)[None, None] / 255.0)
+            if round_image_mask:
+                m = torch.round(m)
+        m = m.to(source_image)
+        z = self.sd_model.get_first_stage_encoding(self.sd_model.encode_first_stage(source_image * (1.0 - m)))
+        m = F.interpolate(m, size=latent_image.shape[-2:]).expand(z.shape[0], -1, -1, -1)
+        return torch.cat([m, z], dim=1).to(latent_image)
 
     def init(self, all_prompts, all_seeds):
         pass
@@ -130,7 +148,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         if self.scripts is not None:
             self.scripts.process_before_every_sampling(self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
         samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning,
-                                      image_conditioning=self.image_conditioning(x))
+                                      image_conditioning=self.txt2img_image_conditioning(x))
         if not self.enable_hr or state.interrupted:
             return samples
         if self.hr_checkpoint_info is not None:
@@ -161,7 +179,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc)
         samples = self.sampler.sample_img2img(self, samples, noise, self.hr_c, self.hr_uc,
                                               steps=self.hr_second_pass_steps or self.steps,
-                                              image_conditioning=self.image_conditioning(samples))
+                                              image_conditioning=self.txt2img_image_conditioning(samples))
         self.is_hr_pass = False
         return samples
 
@@ -176,6 +194,7 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         self.denoising_strength = denoising_strength
         self.inpainting_fill = inpainting_fill
         self.init_latent = None
+        self.image_conditioning = None
         self.resize_mode = 0  # "Just resize"
         self.color_corrections = None
 
@@ -195,6 +214,10 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             latmask = torch.from_numpy(np.tile(latmask[None], (self.init_latent.shape[1], 1, 1))).to(self.init_latent)
             self.mask = 1.0 - latmask  # 1 = keep the original
             self.nmask = latmask  # 1 = regenerate
+        image_mask = None
+        if self.image_mask is not None:
+            image_mask = self.image_mask.convert("L").resize((self.width, self.height), Image.LANCZOS)
+        self.image_conditioning = self.img2img_image_conditioning(batch, self.init_latent, image_mask, True)
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
@@ -203,7 +226,7 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             self.scripts.process_before_every_sampling(self, x=self.init_latent, noise=x, c=conditioning,
                                                        uc=unconditional_conditioning)
         samples = self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning,
-                                              image_conditioning=self.image_conditioning(self.init_latent))
+                                              image_conditioning=self.image_conditioning)
         if self.mask is not None:
             samples = samples * self.nmask + self.init_latent * self.mask
         return samples
