@@ -238,9 +238,9 @@ def record_finals(monkeypatch):
     finals = []
     orig = edit_mask_io.EditMaskRun.finish_batch
 
-    def wrapped(self, size):
+    def wrapped(self, size, *rest):
         finals.append(dict(mask=self.mask.clone(), z0=self.z0.clone(), size=size))
-        return orig(self, size)
+        return orig(self, size, *rest)
 
     monkeypatch.setattr(edit_mask_io.EditMaskRun, "finish_batch", wrapped)
     return finals
@@ -441,3 +441,18 @@ def test_forge_final_inpainting_pass(monkeypatch):
     assert torch.allclose(res.samples[out], z0[out], atol=1e-5)
     assert (res.samples[~out] - blend.samples[~out]).abs().max() > 1e-3
     assert torch.equal(again.samples, blend.samples)  # nothing of the inpainting pass carried over
+
+
+def test_no_maps_fails_loudly(monkeypatch):
+    """If the mask layers never see a cross-attention call (e.g. another extension replaced the attention
+    modules), the generation fails with a message naming the layers field instead of running without a mask."""
+    init = photo("cheetah1.jpg")
+    with a1111_host("sd1") as h:
+        h.load_script(SCRIPT)
+        from lib_attn.host import a1111
+
+        monkeypatch.setattr(a1111.A1111Session, "_edit_attn2",
+                            lambda self, module, call_next, *a, **kw: call_next(*a, **kw))
+        with pytest.raises(S.SettingsError, match=r"edit_mask\.layers.*no cross-attention map"):
+            h.img2img(script_args=edit_args(), init_images=[init], **BASE)
+        assert_no_leftovers(h)

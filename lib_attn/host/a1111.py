@@ -129,7 +129,7 @@ class A1111Session(Session):
                 register(fn)
             yield self
             if self.edit is not None and self.error is None:
-                self.edit.finish_batch((int(self.p.width), int(self.p.height)))
+                self.edit.finish_batch((int(self.p.width), int(self.p.height)), self.fail)
         finally:
             for _, fn in callbacks:
                 script_callbacks.remove_callbacks_for_function(fn)
@@ -351,6 +351,11 @@ class A1111Session(Session):
         x = args[0]
         context = kwargs.get("context", args[1] if len(args) > 1 else None)
         if not isinstance(context, torch.Tensor) or _rows(x) != call[1]:
+            self.fail(
+                FIELD_BY_KEY["edit_mask_layers"].error(
+                    "the cross-attention rows do not match the model call (an extension reshaping attention?)"
+                )
+            )
             return out
         local = [(i, g - call[0]) for i, g in enumerate(st.layout.first_cond) if call[0] <= g < call[0] + call[1]]
         if not local:

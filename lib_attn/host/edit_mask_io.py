@@ -138,7 +138,14 @@ class EditMaskRun:
             return d
         return em.blend(d, self.z0.to(d), self.mask.to(d))
 
-    def finish_batch(self, image_size: tuple[int, int]) -> None:
+    def finish_batch(self, image_size: tuple[int, int], fail: Callable[[Exception], None] | None = None) -> None:
+        """End of a batch's sampling: keep the final masks; a run that never got a map fails (never silently)."""
+        if self.mask is None and fail is not None:
+            fail(
+                FIELD_BY_KEY["edit_mask_layers"].error(
+                    "no cross-attention map reached the mask layers during sampling, so no mask was made"
+                )
+            )
         self.final = self.mask
         if self.mask is not None:
             self.results.extend(m[0].detach().float().cpu() for m in self.mask)

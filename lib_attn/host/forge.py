@@ -131,7 +131,7 @@ class ForgeSession(Session):
         try:
             yield self
             if self.edit is not None and self.error is None:
-                self.edit.finish_batch((int(self.p.width), int(self.p.height)))
+                self.edit.finish_batch((int(self.p.width), int(self.p.height)), self.fail)
         finally:
             script_callbacks.remove_callbacks_for_function(self.on_cfg_denoiser)
             self.end_pass()
