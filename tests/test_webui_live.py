@@ -280,6 +280,12 @@ def test_edit_mask():
     plain = ok(call("/sdapi/v1/img2img", {**i2i, "batch_size": 1}))
     follow = ok(call("/sdapi/v1/img2img", {**i2i, "batch_size": 1, "mask": body["images"][-1]}))
     assert len(follow["images"]) == 1 and not np.array_equal(pixels(follow["images"][0]), pixels(plain["images"][0]))
+    one = {**i2i, "batch_size": 1}
+    blend = ok(call("/sdapi/v1/img2img", {**one, "alwayson_scripts": {TITLE: {"args": [{"edit_mask": {}}]}}}))
+    inpaint = ok(call("/sdapi/v1/img2img", {**one, "alwayson_scripts": {TITLE: {"args": [{"edit_mask": {
+        "final": "inpaint"}}]}}}))
+    assert len(inpaint["images"]) == 2 and "Edit mask final: inpaint" in infotext(inpaint)
+    assert not np.array_equal(pixels(inpaint["images"][0]), pixels(blend["images"][0]))
     status, err = call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [{"edit_mask": {
         "words": "dog"}}]}}})
     assert status >= 400 and "(edit_mask.words)" in json.dumps(err)
