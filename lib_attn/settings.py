@@ -802,7 +802,10 @@ class Settings:
             section = getattr(self, f.section)
             if not section.enabled or f.name == "enabled":
                 continue
-            out[f.infotext] = f.format(getattr(section, f.name))
+            value = getattr(section, f.name)
+            if f.kind == "str" and value == "":
+                continue  # "Key: " with nothing after it trips the WebUI's infotext parser; absent = the default
+            out[f.infotext] = f.format(value)
         return out
 
     def with_values(self, values: Mapping[str, Any]) -> Settings:
