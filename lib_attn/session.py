@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from lib_attn.layers import LayerKey, LayerSelectorError, keys_from_module_names
-from lib_attn.methods import colorize, edit_mask, style
+from lib_attn.layers import select
+from lib_attn.methods import colorize, edit_mask, style, yoda
 from lib_attn.methods.colorize import ColorizePlan
 from lib_attn.methods.pag import PagPlan
 from lib_attn.registry import PatchSet
@@ -36,10 +37,11 @@ class PassPlan:
     colorize: ColorizePlan | None = None
     style: style.StylePlan | None = None
     edit: edit_mask.EditMaskPlan | None = None
+    yoda: yoda.YodaPlan | None = None
 
     @property
     def any(self) -> bool:
-        return any(m is not None for m in (self.pag, self.colorize, self.style, self.edit))
+        return any(m is not None for m in (self.pag, self.colorize, self.style, self.edit, self.yoda))
 
 
 def layer_keys(unet: nn.Module) -> list[LayerKey]:
@@ -65,9 +67,14 @@ def _selector_of(key: str):
 
 
 def plan_pass(
-    settings: Settings, is_hr_pass: bool, available: Iterable[LayerKey], widths: dict[LayerKey, int] | None = None
+    settings: Settings,
+    is_hr_pass: bool,
+    available: Iterable[LayerKey],
+    widths: dict[LayerKey, int] | None = None,
+    img2img: bool = False,
 ) -> PassPlan:
-    """Build the plan for a pass; a bad layer selector raises a SettingsError naming the field."""
+    """Build the plan for a pass; a bad layer selector raises a SettingsError naming the field.  ``img2img``:
+    the generation is an img2img one (masked upscaling acts on its pass; in txt2img only on the hires pass)."""
     available = list(available)
     with _selector_of("pag_layers"):
         pag = PagPlan.build(settings.pag.for_pass(is_hr_pass), available)
@@ -116,7 +123,22 @@ def plan_pass(
                 blur=e.blur / 8,
                 batch_average=e.batch_average,
             )
-    return PassPlan(is_hr_pass, pag, col, sty, edit)
+    yo = None
+    y = settings.yoda
+    if y.enabled and (is_hr_pass or img2img):
+        source = "unet" if y.source == "unet" else "dino"
+        layers = tuple(select(edit_mask.default_selector(available), available, attn="attn1")) if source == "unet" else ()
+        if source == "unet" and not layers:
+            raise FIELD_BY_KEY["yoda_source"].error("this model has no self-attention layers to take a map from")
+        yo = yoda.YodaPlan(
+            start_coverage=y.start_coverage,
+            gamma=y.growth,
+            threshold=None if y.threshold >= 1.0 else y.threshold,
+            blur=y.blur / 8,
+            source=source,
+            layers=layers,
+        )
+    return PassPlan(is_hr_pass, pag, col, sty, edit, yo)
 
 
 class Session:
@@ -153,13 +175,14 @@ class Session:
             raise err
 
 
-def check_settings_against(unet: nn.Module, settings: Settings) -> tuple[PassPlan, PassPlan]:
+def check_settings_against(unet: nn.Module, settings: Settings, img2img: bool = False) -> tuple[PassPlan, PassPlan]:
     """Validate model-dependent settings (layer selectors) for both passes before sampling starts; returns the
     plans of the first pass and the hires pass (for a host's own checks)."""
     available = layer_keys(unet)
     if not available:
         raise SettingsError("model", "Model", "this model has no UNet attention layers the toolkit can hook")
-    return plan_pass(settings, False, available, layer_widths(unet, available)), plan_pass(settings, True, available)
+    first = plan_pass(settings, False, available, layer_widths(unet, available), img2img=img2img)
+    return first, plan_pass(settings, True, available, img2img=img2img)
 
 
 _SAMPLE_ATTR = "sample"

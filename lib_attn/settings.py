@@ -27,6 +27,7 @@ XYZ_PREFIX = "[Attention] "
 OVERRIDE_ATTR = "attn_toolkit_overrides"  # dict on `p`, filled by XYZ axes and read by the script
 
 HIRES_MODES = ("same", "own", "off")
+YODA_SOURCES = ("dino-vits8", "dino-vitb8", "unet")
 
 
 class SettingsError(ValueError):
@@ -651,6 +652,89 @@ FIELDS: tuple[Field, ...] = (
         "init image with the final mask and the same prompt, steps and strength (the paper's fallback; best with "
         "an inpainting checkpoint).",
     ),
+    # ---- attention-masked upscaling (YODA; img2img and the hires-fix pass) ----
+    Field(
+        "yoda",
+        "enabled",
+        "Enable masked upscaling",
+        "YODA",
+        "bool",
+        False,
+        help="Spend the refinement where an attention map of the low-resolution image points first, and let the "
+        "region grow over the steps to the whole image (YODA). txt2img: the hires-fix pass; img2img: every run.",
+    ),
+    Field(
+        "yoda",
+        "source",
+        "Attention source",
+        "YODA source",
+        "choice",
+        "dino-vits8",
+        choices=YODA_SOURCES,
+        help="dino-vits8 / dino-vitb8: DINO self-attention (the paper's; downloaded on first use into the WebUI's "
+        "models/dino folder). unet: the checkpoint's own self-attention at the first step (no extra model).",
+    ),
+    Field(
+        "yoda",
+        "start_coverage",
+        "Start coverage",
+        "YODA start coverage",
+        "float",
+        0.25,
+        0.0,
+        1.0,
+        0.01,
+        help="Share of the image diffused at the first step (the most salient pixels); it grows to all of it at "
+        "the last step.",
+    ),
+    Field(
+        "yoda",
+        "growth",
+        "Growth curve",
+        "YODA growth",
+        "float",
+        1.0,
+        0.2,
+        5.0,
+        0.05,
+        help="Exponent of the coverage schedule c0 + (1 - c0) * progress^g: 1 linear, above 1 slow start (more steps "
+        "on the salient area alone), below 1 fast start.",
+    ),
+    Field(
+        "yoda",
+        "threshold",
+        "Threshold",
+        "YODA threshold",
+        "float",
+        1.0,
+        0.0,
+        1.0,
+        0.01,
+        help="Pixels whose normalized attention is at least this are diffused from the first step, whatever the "
+        "coverage. 1 = off.",
+    ),
+    Field(
+        "yoda",
+        "blur",
+        "Mask blur (px)",
+        "YODA blur",
+        "int",
+        8,
+        0,
+        128,
+        1,
+        help="Feather of the mask edge: Gaussian sigma in image pixels. 0 = hard edge.",
+    ),
+    Field(
+        "yoda",
+        "show",
+        "Return the mask preview",
+        "YODA show",
+        "bool",
+        False,
+        help="Add one preview per image: the attention map and, beside it, the share of the steps each pixel was "
+        "diffused (white = all).",
+    ),
 )
 
 SECTION_TITLES: dict[str, str] = {
@@ -658,6 +742,7 @@ SECTION_TITLES: dict[str, str] = {
     "colorize": "Reference colorization",
     "style": "Style reference (Attention Distillation)",
     "edit_mask": "Automatic edit mask (InstDiffEdit)",
+    "yoda": "Masked upscaling (YODA)",
 }
 SECTION_TABS: dict[str, tuple[str, ...]] = {
     "colorize": ("img2img",),
@@ -745,6 +830,21 @@ class StyleSettings:
 
 
 @dataclass(frozen=True)
+class YodaSettings:
+    enabled: bool = False
+    source: str = "dino-vits8"
+    start_coverage: float = 0.25
+    growth: float = 1.0
+    threshold: float = 1.0
+    blur: int = 8
+    show: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.enabled
+
+
+@dataclass(frozen=True)
 class EditMaskSettings:
     enabled: bool = False
     words: str = ""
@@ -772,6 +872,7 @@ _SECTION_CLASSES = {
     "colorize": ColorizeSettings,
     "style": StyleSettings,
     "edit_mask": EditMaskSettings,
+    "yoda": YodaSettings,
 }
 
 
@@ -781,10 +882,11 @@ class Settings:
     colorize: ColorizeSettings = dataclasses.field(default_factory=ColorizeSettings)
     style: StyleSettings = dataclasses.field(default_factory=StyleSettings)
     edit_mask: EditMaskSettings = dataclasses.field(default_factory=EditMaskSettings)
+    yoda: YodaSettings = dataclasses.field(default_factory=YodaSettings)
 
     @property
     def any_active(self) -> bool:
-        return self.pag.active or self.colorize.active or self.style.active or self.edit_mask.active
+        return any(getattr(self, s).active for s in SECTIONS)
 
     # ---- conversions -------------------------------------------------------------------
     def values(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import sys
 
 # as the WebUI does before it imports gradio (modules/launch_utils.py): no analytics or version-check threads
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download (DINO models are saved locally by the tests)
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

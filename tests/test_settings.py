@@ -60,6 +60,13 @@ EXAMPLE_ALL = {
     "edit_mask_batch_average": True,
     "edit_mask_show": False,
     "edit_mask_final": "inpaint",
+    "yoda_enabled": True,
+    "yoda_source": "unet",
+    "yoda_start_coverage": 0.4,
+    "yoda_growth": 2.5,
+    "yoda_threshold": 0.8,
+    "yoda_blur": 0,
+    "yoda_show": True,
 }
 
 

@@ -82,21 +82,25 @@ def postprocess_image(p: Any, pp: Any) -> None:
 
 
 def postprocess(p: Any, processed: Any = None) -> None:
-    """``Script.postprocess``: the automatic edit masks join the results (UI gallery and API images), then
-    the session ends."""
+    """``Script.postprocess``: extra images join the results (UI gallery and API images): the automatic edit
+    masks and the masked-upscaling previews, when asked for; then the session ends."""
     session = sessions.get(p)
-    run = getattr(session, "edit", None)
     try:
-        if run is not None and run.settings.show and processed is not None and getattr(session, "error", None) is None:
-            masks = run.images()
-            images = getattr(processed, "images", None)
-            if masks and isinstance(images, list):
-                infotexts = getattr(processed, "infotexts", None)
-                if isinstance(infotexts, list) and infotexts:
-                    infotexts.extend([infotexts[0]] * len(masks))
-                images.extend(masks)
+        if processed is not None and getattr(session, "error", None) is None:
+            for run in (getattr(session, "edit", None), getattr(session, "yoda", None)):
+                if run is not None and run.settings.show:
+                    _append_images(processed, run.images())
     finally:
         sessions.end(p)
+
+
+def _append_images(processed: Any, extra: list) -> None:
+    images = getattr(processed, "images", None)
+    if extra and isinstance(images, list):
+        infotexts = getattr(processed, "infotexts", None)
+        if isinstance(infotexts, list) and infotexts:
+            infotexts.extend([infotexts[0]] * len(extra))
+        images.extend(extra)
 
 
 def cleanup_model() -> int:

@@ -33,10 +33,11 @@ from torch import nn
 from lib_attn import batch as batchmod
 from lib_attn.batch import BatchLayout
 from lib_attn.guidance import pag_delta
-from lib_attn.host import colorize_io, edit_mask_io, style_io
+from lib_attn.host import colorize_io, edit_mask_io, style_io, yoda_io
 from lib_attn.methods import colorize as col
 from lib_attn.methods import edit_mask as em
 from lib_attn.methods import style
+from lib_attn.methods import yoda as yd
 from lib_attn.methods.pag import identity_attention
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import Session, attach, check_settings_against, layer_keys, layer_widths, plan_pass
@@ -69,7 +70,9 @@ class _Step:
     pert_out: torch.Tensor | None = None
     plain_out: torch.Tensor | None = None
     style_in: dict | None = None  # style: per image x, sigma, conditioning of the feature passes
-    edit_in: tuple | None = None  # edit mask: the first cond rows' model input and sigma (after the blend)
+    edit: bool = False  # the edit mask builds and blends at this step
+    yoda: tuple | None = None  # masked upscaling: (model call, calls in the pass)
+    blend_in: tuple | None = None  # edit mask / YODA: the first cond rows' model input and sigma (after blending)
     feats: dict = dataclasses.field(default_factory=dict)  # colorize: layer path -> {stream: (rows, N, C)}
 
 
@@ -102,6 +105,9 @@ class A1111Session(Session):
         self.recorder = style.Recorder()
         self.style_losses: list[list[float]] = []  # per guided step, the loss at each inner iteration
         self.edit = edit_mask_io.EditMaskRun.prepare(p, settings) if settings.edit_mask.enabled else None
+        self.yoda = yoda_io.YodaRun.prepare(p, settings) if settings.yoda.enabled else None
+        self._img2img = bool(getattr(p, "init_images", None))
+        self._yoda_pass: bool | None = None  # is_hr_pass of the pass the YODA run follows
         self._latent_hw: tuple[int, int] = (0, 0)  # of the UNet call in progress
 
     # ---- lifetime -------------------------------------------------------------------------
@@ -111,7 +117,7 @@ class A1111Session(Session):
         unet = current_unet()
         if unet is not None:
             clean_leftovers(unet)
-            check_settings_against(unet, self.settings)
+            check_settings_against(unet, self.settings, img2img=self._img2img)
         if self.colorize is not None:
             self.colorize.encode(self.p, _encode)
         if self.style is not None:
@@ -130,7 +136,12 @@ class A1111Session(Session):
             yield self
             if self.edit is not None and self.error is None:
                 self.edit.finish_batch((int(self.p.width), int(self.p.height)), self.fail)
+            if self.yoda is not None and self.error is None:
+                self.yoda.finish_pass(self.fail)
         finally:
+            if self.yoda is not None:
+                self.yoda.begin_pass(None)
+                self._yoda_pass = None
             for _, fn in callbacks:
                 script_callbacks.remove_callbacks_for_function(fn)
             self.end_pass()
@@ -167,10 +178,19 @@ class A1111Session(Session):
             return
         keys = layer_keys(unet)
         try:
-            self.plan = plan_pass(self.settings, is_hr, keys, layer_widths(unet, keys))
+            self.plan = plan_pass(self.settings, is_hr, keys, layer_widths(unet, keys), img2img=self._img2img)
         except SettingsError as e:
             self.fail(e)
             return
+        if self.yoda is not None:
+            if self._yoda_pass != is_hr:  # a new pass (not a refiner's model swap inside one): own source and map
+                if self.error is None:
+                    self.yoda.finish_pass(self.fail)  # the first pass before the hires pass
+                self.yoda.begin_pass(self.plan.yoda)
+                self._yoda_pass = is_hr
+            if self.plan.yoda is not None:
+                for key_ in self.plan.yoda.layers:
+                    self.patches.wrap_forward(unet.get_submodule(key_.module_path), self._yoda_attn1)
         self._shared_layers = set()
         if self.plan.colorize is not None and self.plan.pag is not None:
             # a layer both methods act on: PAG (outer) lets colorization (inner) see the whole call
@@ -215,7 +235,8 @@ class A1111Session(Session):
         colorize = plan.colorize is not None and plan.colorize.active_at(self.step, self.total_steps)
         styled = plan.style is not None and plan.style.active_at(self.step, self.total_steps)
         edit = plan.edit is not None and self.edit is not None and self.error is None
-        if pag_scale <= 0 and not colorize and not styled and not edit:
+        yoda = plan.yoda is not None and self.yoda is not None and self.error is None
+        if pag_scale <= 0 and not colorize and not styled and not edit and not yoda:
             return
         try:
             layout = self._layout(params, den)
@@ -223,7 +244,15 @@ class A1111Session(Session):
             self.fail(e)
             return
         first = list(layout.first_cond)
-        edit_in = self._edit_input(params, layout, den) if edit else None
+        try:
+            edit = edit and self._edit_input(params, layout, den)
+            yoda_at = self._yoda_input(params, layout, den) if yoda else None
+        except Exception as e:  # the host would log and drop it: fail the generation with the cause
+            self.fail(e)
+            return
+        blend_in = None
+        if edit or yoda_at is not None:
+            blend_in = params.x[first].detach().clone(), params.sigma[first].detach().clone()
         style_in = self._style_inputs(params, layout) if styled else None
         groups: list[tuple[str, list[int], dict]] = []  # name, sources, row tensors
         if pag_scale > 0:
@@ -237,7 +266,9 @@ class A1111Session(Session):
                 groups += capture
                 capture = []
         if not groups:  # no rows to insert: a capture call, or style / edit mask only
-            self._step = _Step(layout.with_groups([]), 0.0, den, colorize, style_in=style_in, edit_in=edit_in)
+            self._step = _Step(
+                layout.with_groups([]), 0.0, den, colorize, style_in=style_in, edit=edit, yoda=yoda_at, blend_in=blend_in
+            )
             self._cursor = 0
             if capture:
                 self._run_prepass(den, capture, params.text_uncond)
@@ -261,7 +292,9 @@ class A1111Session(Session):
         tc = params.text_cond
         new_tc = batchmod.insert_rows(tc, at, _cat_conds(rows_tc))
         params.text_cond = _like(tc, new_tc) if isinstance(tc, Mapping) else new_tc
-        self._step = _Step(layout, pag_scale, den, colorize, style_in=style_in, edit_in=edit_in)
+        self._step = _Step(
+            layout, pag_scale, den, colorize, style_in=style_in, edit=edit, yoda=yoda_at, blend_in=blend_in
+        )
         self._cursor = 0
         if capture:
             self._run_prepass(den, capture, params.text_uncond)
@@ -304,14 +337,25 @@ class A1111Session(Session):
         ):
             delta = delta * nmask  # keep the inpainting blend: no change where the original is kept
         out = params.x + delta.to(params.x.dtype)
-        if st.edit_in is not None and self.edit.update(self._latent_hw) is not None:
-            x, sigma = st.edit_in
-            d = self.edit.blend_denoised(_to_denoised(den, x, sigma, out))
-            out = _from_denoised(den, x, sigma, d).to(out.dtype)
+        if st.blend_in is not None and self.error is None:
+            try:
+                out = self._keep_source(st, den, out)
+            except Exception as e:  # the host would log and drop it: fail the generation with the cause
+                self.fail(e)
         params.x = out
 
+    def _keep_source(self, st: _Step, den: Any, out: torch.Tensor) -> torch.Tensor:
+        """Edit mask and masked upscaling: the source latent outside the masks, in x0 space (their masks multiply)."""
+        x, sigma = st.blend_in
+        d = None
+        if st.edit and self.edit.update(self._latent_hw) is not None:
+            d = self.edit.blend_denoised(_to_denoised(den, x, sigma, out))
+        if st.yoda is not None and self.yoda.mask_for(*st.yoda) is not None:
+            d = self.yoda.blend_denoised(d if d is not None else _to_denoised(den, x, sigma, out))
+        return out if d is None else _from_denoised(den, x, sigma, d).to(out.dtype)
+
     # ---- automatic edit mask ----------------------------------------------------------------
-    def _edit_input(self, params: Any, layout: BatchLayout, den: Any) -> tuple | None:
+    def _edit_input(self, params: Any, layout: BatchLayout, den: Any) -> bool:
         """At the first step of a batch: the source latent, the sampler's starting noise and the prompt
         words; later: the model input keeps the source (noised to each row's level) outside the mask."""
         run = self.edit
@@ -322,7 +366,7 @@ class A1111Session(Session):
         rows = layout.n_cond + layout.n_images
         if not isinstance(z0, torch.Tensor) or _rows(z0) != layout.n_images or _rows(params.x) != rows:
             self.fail(FIELD_BY_KEY["edit_mask_enabled"].error("no init latent to keep (img2img only)"))
-            return None
+            return False
         if not run.started:
             p = getattr(den, "p", None) or self.p
             prompts = list(getattr(p, "prompts", None) or [])[: layout.n_images]
@@ -333,20 +377,73 @@ class A1111Session(Session):
                 run.start(prompts, self._count_tokens, z0, noise)
             except SettingsError as e:
                 self.fail(e)
-                return None
+                return False
         else:
             plain = layout.with_groups([])  # the rows as the host made them: cond rows, then uncond rows
             images = [plain.image_of_row(r) for r in range(rows)]
             noised = _noised(den, run.z0[images].to(params.x), run.noise[images].to(params.x), params.sigma)
             params.x = run.blend_input(params.x, images, noised)
-        return params.x[first].detach().clone(), params.sigma[first].detach().clone()
+        return True
+
+    # ---- masked upscaling (YODA) --------------------------------------------------------------
+    def _yoda_input(self, params: Any, layout: BatchLayout, den: Any) -> tuple | None:
+        """First call of a pass: the pass's source latent (img2img's init latent, the hires pass's upscaled latent),
+        the sampler's starting noise, the DINO map; every call: the model input keeps the source, noised to each
+        row's level, outside this call's mask.  Returns (call, calls in the pass)."""
+        run = self.yoda
+        first = list(layout.first_cond)
+        z0 = getattr(den, "init_latent", None)
+        rows = layout.n_cond + layout.n_images
+        if not isinstance(z0, torch.Tensor) or _rows(z0) != layout.n_images or _rows(params.x) != rows:
+            self.fail(FIELD_BY_KEY["yoda_enabled"].error("this sampling pass has no source latent to upscale"))
+            return None
+        at = (int(getattr(den, "step", self.step)), yoda_io.pass_calls(den))
+        if not run.started:
+            noise = _noise_of(den, params.x[first], z0.to(params.x), params.sigma[first])
+            try:
+                run.start_pass(getattr(den, "p", None) or self.p, z0, noise)
+            except SettingsError as e:
+                self.fail(e)
+                return None
+            run.mask_for(*at)  # the first call's input is the noised source everywhere: nothing to blend
+            return at
+        if run.mask_for(*at) is not None:
+            plain = layout.with_groups([])  # the rows as the host made them: cond rows, then uncond rows
+            images = [plain.image_of_row(r) for r in range(rows)]
+            noised = _noised(den, run.z0[images].to(params.x), run.noise[images].to(params.x), params.sigma)
+            params.x = run.blend_input(params.x, images, noised)
+        return at
+
+    def _yoda_attn1(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        """Self-attention of the "unet" source layers: at the pass's first call, the saliency of each image's
+        first cond row (the output is the host's own)."""
+        out = call_next(*args, **kwargs)
+        st, call, run = self._step, self._call, self.yoda
+        if st is None or call is None or st.yoda is None or self._prepass is not None or run.amap is not None:
+            return out
+        x = args[0]
+        local = [(i, g - call[0]) for i, g in enumerate(st.layout.first_cond) if call[0] <= g < call[0] + call[1]]
+        if not local or _rows(x) != call[1]:
+            return out
+        rows = [j for _, j in local]
+        try:
+            hw = em.grid_of(int(x.shape[1]), self._latent_hw)
+        except ValueError as e:
+            self.fail(FIELD_BY_KEY["yoda_source"].error(f"{e} (Hypertile?)"))
+            return out
+        with torch.no_grad():
+            sal = yd.self_attention_saliency(module.to_q(x[rows]), module.to_k(x[rows]), int(module.heads))
+        for (i, _), s_ in zip(local, sal, strict=True):
+            run.add_unet(i, s_, hw)
+        return out
+
 
     def _edit_attn2(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         """Cross-attention of the mask layers: the host's (optimized) attention gives the output; the
         probabilities are computed again only for each image's first cond row in this call."""
         out = call_next(*args, **kwargs)
         st, call = self._step, self._call
-        if st is None or call is None or st.edit_in is None or self._prepass is not None:
+        if st is None or call is None or not st.edit or self._prepass is not None:
             return out
         x = args[0]
         context = kwargs.get("context", args[1] if len(args) > 1 else None)

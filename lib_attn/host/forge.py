@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from modules import script_callbacks
 
-from lib_attn.host import colorize_io, edit_mask_io, style_io
+from lib_attn.host import colorize_io, edit_mask_io, style_io, yoda_io
 from lib_attn.methods import colorize as col
 from lib_attn.methods import edit_mask as em
 from lib_attn.methods import style
+from lib_attn.methods import yoda as yd
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import Session, attach, check_settings_against, get, layer_keys, layer_widths, plan_pass
 from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
@@ -106,6 +107,11 @@ class ForgeSession(Session):
         self.edit = edit_mask_io.EditMaskRun.prepare(p, settings) if settings.edit_mask.enabled else None
         self._edit_seen: set = set()  # (step, layer) pairs whose maps are in: one call per step counts
         self._inpainting = False  # the edit mask's final inpainting pass runs unpatched
+        self.yoda = yoda_io.YodaRun.prepare(p, settings) if settings.yoda.enabled else None
+        self._img2img = bool(getattr(p, "init_images", None))
+        self._yoda_keys: set = set()
+        self._yoda_seen: set = set()  # (step, layer) pairs whose saliency is in (the "unet" source)
+        self._yoda_at: tuple | None = None  # (model call, calls in the pass) of the step in progress
 
     @contextlib.contextmanager
     def sampling(self):
@@ -113,7 +119,7 @@ class ForgeSession(Session):
         if unet is None:
             raise _unsupported_error(self.p)
         clean_leftovers(unet)
-        plans = check_settings_against(unet, self.settings)
+        plans = check_settings_against(unet, self.settings, img2img=self._img2img)
         if self.settings.style.checkpointing == "on" and any(plan.style is not None for plan in plans):
             # Forge's blocks add in place: recomputed activations would be overwritten (wrong gradients)
             raise FIELD_BY_KEY["style_checkpointing"].error(
@@ -132,8 +138,12 @@ class ForgeSession(Session):
             yield self
             if self.edit is not None and self.error is None:
                 self.edit.finish_batch((int(self.p.width), int(self.p.height)), self.fail)
+            if self.yoda is not None and self.error is None:
+                self.yoda.finish_pass(self.fail)
         finally:
             script_callbacks.remove_callbacks_for_function(self.on_cfg_denoiser)
+            if self.yoda is not None:
+                self.yoda.begin_pass(None)
             self.end_pass()
 
     @contextlib.contextmanager
@@ -157,8 +167,61 @@ class ForgeSession(Session):
 
     def on_cfg_denoiser(self, params: Any) -> None:
         self.step, self.total_steps = params.sampling_step, params.total_sampling_steps
+        self._yoda_at = None
         if self.edit is not None and self.plan is not None and self.plan.edit is not None and self.error is None:
             self._edit_input(params)
+        if self.yoda is not None and self.plan is not None and self.plan.yoda is not None and self.error is None:
+            self._yoda_input(params)
+
+    # ---- masked upscaling (YODA) --------------------------------------------------------------
+    def _yoda_input(self, params: Any) -> None:
+        """First call of a pass: source latent (img2img's init latent, the hires pass's upscaled latent), the
+        sampler's starting noise, the DINO map; every call: the model input keeps the noised source outside
+        this call's mask (Forge's ``x`` has one row per image)."""
+        run, x, sigma, den = self.yoda, params.x, params.sigma, params.denoiser
+        z0 = getattr(den, "init_latent", None)
+        if not isinstance(z0, torch.Tensor) or z0.shape[0] != x.shape[0]:
+            self.fail(FIELD_BY_KEY["yoda_enabled"].error("this sampling pass has no source latent to upscale"))
+            return
+        at = (int(getattr(den, "step", self.step)), yoda_io.pass_calls(den))
+        self._yoda_at = at
+        view = (-1, 1, 1, 1)
+        if not run.started:
+            z0 = z0.to(x)
+            try:
+                run.start_pass(self.p, z0, (x - z0) / sigma.view(view).to(x))
+            except SettingsError as e:
+                self.fail(e)
+                return
+            run.mask_for(*at)  # the first call's input is the noised source everywhere: nothing to blend
+            return
+        if run.mask_for(*at) is not None:
+            images = list(range(x.shape[0]))
+            params.x = run.blend_input(x, images, run.z0.to(x) + run.noise.to(x) * sigma.view(view).to(x))
+
+    def _yoda_saliency(self, key: Any, q: Any, k: Any, extra_options: dict) -> None:
+        """The "unet" source: per-token saliency of the cond rows at the pass's first call (once per layer)."""
+        run = self.yoda
+        if run is None or self._yoda_at is None or run.amap is not None:
+            return
+        if extra_options.get(_MODE) is not None or (self.step, key) in self._yoda_seen:
+            return
+        flags = list(extra_options.get("cond_or_uncond") or [])
+        if 0 not in flags or q.shape[0] % len(flags):
+            return
+        self._yoda_seen.add((self.step, key))
+        chunk = q.shape[0] // len(flags)
+        start = flags.index(0) * chunk
+        shape = extra_options.get("original_shape")
+        try:
+            hw = em.grid_of(int(q.shape[1]), (int(shape[-2]), int(shape[-1])))
+        except (TypeError, ValueError) as e:
+            self.fail(FIELD_BY_KEY["yoda_source"].error(f"cannot place the attention map: {e}"))
+            return
+        with torch.no_grad():
+            sal = yd.self_attention_saliency(q[start : start + chunk], k[start : start + chunk], int(extra_options["n_heads"]))
+        for i, s_ in enumerate(sal):
+            run.add_unet(i, s_, hw)
 
     # ---- automatic edit mask ----------------------------------------------------------------
     def _edit_input(self, params: Any) -> None:
@@ -226,16 +289,22 @@ class ForgeSession(Session):
         is_hr = bool(getattr(p, "is_hr_pass", False))
         keys = layer_keys(unet_module)
         try:
-            self.plan = plan_pass(self.settings, is_hr, keys, layer_widths(unet_module, keys))
+            self.plan = plan_pass(self.settings, is_hr, keys, layer_widths(unet_module, keys), img2img=self._img2img)
         except SettingsError as e:
             self.fail(e)
             return
+        if self.yoda is not None:
+            if self.error is None:
+                self.yoda.finish_pass(self.fail)  # the first pass before the hires pass
+            self.yoda.begin_pass(self.plan.yoda)
+            self._yoda_seen = set()
         if not self.plan.any:
             return
         clone = fo.unet.clone()
         setattr(clone, _CLONE_MARK, self)
         clone.set_model_sampler_post_cfg_function(self._post_cfg)
         self._col_params, self._style_keys = {}, set()
+        self._yoda_keys = {k.forge_key for k in self.plan.yoda.layers} if self.plan.yoda is not None else set()
         if self.plan.colorize is not None:
             self._col_params = dict(
                 zip((k.forge_key for k in self.plan.colorize.layers), self.plan.colorize.params, strict=True)
@@ -245,7 +314,7 @@ class ForgeSession(Session):
         if self.plan.style is not None:
             self.recorder = style.Recorder(self.plan.style.tau, self.plan.style.content_weight)
             self._style_keys = {k.forge_key for k in self.plan.style.layers}
-        for key in set(self._col_params) | self._style_keys:
+        for key in set(self._col_params) | self._style_keys | self._yoda_keys:
             clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
         if self.plan.edit is not None and self.edit is not None:
             self.edit.plan = self.plan.edit
@@ -284,6 +353,10 @@ class ForgeSession(Session):
                 self.fail(style_io.error_for(e))
         if plan.edit is not None and self.edit is not None and self.edit.update(tuple(denoised.shape[-2:])) is not None:
             denoised = self.edit.blend_denoised(denoised)
+        at = self._yoda_at
+        if plan.yoda is not None and self.yoda is not None and at is not None and self.error is None:
+            if self.yoda.mask_for(*at) is not None:  # the masks multiply with the edit mask's (same source)
+                denoised = self.yoda.blend_denoised(denoised)
         return denoised
 
     # ---- style reference ------------------------------------------------------------------
@@ -320,6 +393,8 @@ class ForgeSession(Session):
         """attn1 replace patch on the colorization and style layers: the style calls first, then colorization."""
         block = extra_options.get("block")
         key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
+        if key in self._yoda_keys:
+            self._yoda_saliency(key, q, k, extra_options)
         if self.recorder.mode is not None and key in self._style_keys:
             return self.recorder.attend(key, q, k, v, int(extra_options["n_heads"]))
         if key in self._col_params:

@@ -68,6 +68,7 @@ class YodaPlan:
     threshold: float | None = None
     blur: float = 0.0
     source: str = "dino"
+    layers: tuple = ()  # the UNet self-attention layers of the "unet" source (LayerKeys)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start_coverage <= 1.0:
@@ -167,6 +168,31 @@ def mask_at(attn_map: Tensor, step: int, total_steps: int, schedule: YodaPlan) -
     if schedule.threshold is not None:
         inside |= flat >= schedule.threshold
     return inside.to(a.dtype).reshape(a.shape)
+
+
+def self_attention_saliency(q: Tensor, k: Tensor, n_heads: int) -> Tensor:
+    """Saliency of each token from one self-attention layer (the "unet" source, our adaptation: YODA's
+    maps are DINO's): how concentrated its attention is, ``1 - H(p_i) / log N`` with ``p_i`` the
+    softmax row of query i over the N keys, averaged over the heads; (rows, N) in [0, 1], float32.
+
+    A token of a large uniform region spreads its attention over that region (high entropy, low
+    score); a token of a small distinct structure attends to few tokens (low entropy, high score).
+    ``q``, ``k``: the layer's projected queries and keys (rows, N, C).  Heads run one at a time, so
+    the largest temporary is one (rows, N, N) map.
+    """
+    rows, n, c = q.shape
+    d = c // n_heads
+    if n < 2:
+        return torch.ones(rows, n, dtype=torch.float32, device=q.device)
+    qh = q.float().reshape(rows, n, n_heads, d)
+    kh = k.float().reshape(rows, k.shape[1], n_heads, d)
+    total = torch.zeros(rows, n, dtype=torch.float32, device=q.device)
+    for h in range(n_heads):
+        logits = qh[:, :, h] @ kh[:, :, h].transpose(-1, -2) * d**-0.5
+        logp = torch.log_softmax(logits, dim=-1)
+        total += -(logp.exp() * logp).sum(dim=-1)
+    entropy = total / n_heads
+    return (1.0 - entropy / math.log(k.shape[1])).clamp_(0.0, 1.0)
 
 
 def gaussian_weights(sigma: float) -> list[float]:

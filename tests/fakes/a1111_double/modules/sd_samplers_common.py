@@ -27,6 +27,17 @@ def apply_refiner(cfg_denoiser, sigma=None):
     return True
 
 
+def samples_to_images_tensor(sample, approximation=None, model=None):
+    """latent -> image [-1, 1]: approximation 2 ("Approx cheap") is the linear preview, else the full VAE."""
+    if approximation == 2:
+        from modules import sd_vae_approx
+
+        return sd_vae_approx.cheap_approximation(sample)
+    if model is None:
+        model = shared.sd_model
+    return model.decode_first_stage(sample)
+
+
 def images_tensor_to_samples(image, approximation=None, model=None):
     """image [0, 1] -> latent, as A1111 1.10 does with the full VAE (one image at a time)."""
     if model is None:

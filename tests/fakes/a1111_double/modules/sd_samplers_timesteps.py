@@ -42,7 +42,9 @@ class CompVisSampler(sd_samplers_common.Sampler):
         alphas_prev = ac[torch.nn.functional.pad(timesteps[:-1], (1, 0))]
         alphas_prev[0] = ac[0] if len(timesteps) else 1.0
         s_in = x.new_ones([x.shape[0]])
-        for i, index in enumerate(reversed(range(len(timesteps)))):
+        # A1111's ddim loops len(timesteps) - 1 times (the smallest timestep is never evaluated)
+        for i in range(len(timesteps) - 1):
+            index = len(timesteps) - 1 - i
             e_t = den(x, timesteps[index].item() * s_in, **extra)
             a_t, a_prev = alphas[index], alphas_prev[index]
             pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
@@ -70,11 +72,12 @@ class CompVisSampler(sd_samplers_common.Sampler):
         t_enc = max(int(min(p.denoising_strength, 0.999) * steps), 1)
         self.initialize(p)
         den = self.model_wrap_cfg
-        den.steps = den.total_steps = t_enc
+        den.steps = den.total_steps = t_enc + 1  # A1111 launches t_enc + 1 steps (and evaluates t_enc - 1 times)
         den.init_latent = x
-        ts = self.timesteps(steps)[:t_enc]
-        a = shared.sd_model.alphas_cumprod[ts[-1]].to(x.dtype)
+        all_ts = self.timesteps(steps)
+        ts = all_ts[:t_enc]
+        a = shared.sd_model.alphas_cumprod[all_ts[t_enc]].to(x.dtype)  # as A1111: the level of timesteps[t_enc]
         xi = a.sqrt() * x + (1 - a).sqrt() * noise
         self.last_latent = x
         extra = self._extra(p, conditioning, unconditional_conditioning, image_conditioning)
-        return self.launch_sampling(t_enc, lambda: self._ddim(p, xi, ts, extra))
+        return self.launch_sampling(t_enc + 1, lambda: self._ddim(p, xi, ts, extra))

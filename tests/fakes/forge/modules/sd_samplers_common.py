@@ -35,6 +35,10 @@ approximation_indexes = {"Full": 0, "Approx NN": 1, "Approx cheap": 2, "TAESD": 
 
 
 def samples_to_images_tensor(sample, approximation=None, model=None):
+    if approximation == 2:
+        from modules import sd_vae_approx
+
+        return sd_vae_approx.cheap_approximation(sample)
     if model is None:
         model = shared.sd_model
     return model.decode_first_stage(sample)
