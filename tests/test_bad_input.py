@@ -114,6 +114,15 @@ TABLE = [
      "Final pass (edit_mask.final): expected one of blend, inpaint"),
     ("edit-mask-layers", ("img2img", [{"edit_mask": {"layers": "middle.3"}}]),
      "(edit_mask.layers): 'middle.3' matched no layer"),
+    ("yoda-txt2img-without-hires", ("txt2img", [{"yoda": {"source": "unet"}}]),
+     "(yoda.enabled): in txt2img masked upscaling acts on the hires-fix pass"),
+    ("yoda-dino-missing-offline", ("img2img", [{"yoda": {"source": "dino-vits8"}}]),
+     "Attention source (yoda.source): could not load facebook/dino-vits8"),
+    ("yoda-source", ("img2img", [{"yoda": {"source": "clip"}}]),
+     "Attention source (yoda.source): expected one of dino-vits8, dino-vitb8, unet"),
+    ("yoda-start-coverage", ("img2img", [{"yoda": {"start_coverage": 1.5}}]), "(yoda.start_coverage): 1.5 is out of range"),
+    ("yoda-growth-zero", ("img2img", [{"yoda": {"growth": 0}}]), "(yoda.growth): 0 is out of range"),
+    ("yoda-blur-fraction", ("img2img", [{"yoda": {"blur": 2.5}}]), "(yoda.blur): expected a whole"),
 ]
 
 

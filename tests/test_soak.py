@@ -130,6 +130,12 @@ def test_soak_random_generations():
             if rng.random() < 0.3:
                 kw.update(enable_hr=True, hr_scale=1.5, hr_upscaler=rng.choice(["Latent", "Lanczos"]),
                           denoising_strength=0.5)
+                if rng.random() < 0.5:  # masked upscaling in the hires pass (UNet source: no extra model)
+                    args = S.from_args(kw["script_args"]).with_values({
+                        "yoda_enabled": True, "yoda_source": "unet", "yoda_start_coverage": rng.choice([0.1, 0.5]),
+                        "yoda_growth": rng.choice([0.5, 1.0, 2.0]), "yoda_blur": rng.choice([0, 8]),
+                        "yoda_show": rng.random() < 0.3})
+                    kw["script_args"] = args.to_args()
             fault = rng.random()
             fault = 0.05 if i % 8 == 3 else 0.15 if i % 8 == 6 else fault  # every kind of fault comes up
             handle = None
@@ -153,6 +159,8 @@ def test_soak_random_generations():
                                               "layers": rng.choice(["auto", "output.3"])}
                         if rng.random() < 0.5:
                             named.pop("colorize")
+                    if rng.random() < 0.3:
+                        named["yoda"] = {"source": "unet", "start_coverage": rng.choice([0.2, 0.6])}
                     kw.pop("enable_hr", None), kw.pop("hr_scale", None), kw.pop("hr_upscaler", None)
                     kw.update(script_args=[named], denoising_strength=0.6,
                               init_images=[Image.new("RGB", (rng.choice([64, 100]), 80), (90, 90, 90))])

@@ -293,6 +293,41 @@ def test_edit_mask():
     assert status >= 400 and "(edit_mask.enabled)" in json.dumps(err)
 
 
+def test_masked_upscaling_in_the_hires_pass_and_img2img():
+    """Masked upscaling through the API with hires fix on (latent and image upscalers) and in an img2img upscale: the
+    UNet source always; DINO when ``ATTN_WEBUI_DINO=1`` says the WebUI has ``models/dino/dino-vits8`` (else its
+    offline failure must name ``yoda.source``).  Previews come back at the output height, infotext pastes back, the
+    result differs from plain hires fix, and bad requests name their field."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 4}
+    for upscaler in ("Latent", "Lanczos"):
+        kw = {**hires, "hr_upscaler": upscaler, "batch_size": 2}
+        plain = ok(txt2img(**kw))
+        body = ok(txt2img([{"yoda": {"source": "unet", "show": True, "start_coverage": 0.2}}], **kw))
+        images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body["images"]]
+        previews = [im for im in images if im.mode == "L"]
+        out = int(SIZE * 1.5)
+        assert len(previews) == 2 and all(p.size[1] == out and p.size[0] > 2 * out for p in previews)
+        assert not np.array_equal(pixels(body["images"][0]), pixels(plain["images"][0]))
+        assert "YODA start coverage: 0.2" in infotext(body)
+    parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][0]}))
+    assert parsed["parameters"].get("YODA source") == "unet"
+    init = encode(_photo("cheetah2.jpg", (SIZE // 2, SIZE // 2)))
+    i2i = {**BASE, "init_images": [init], "denoising_strength": 0.5}
+    body = ok(call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [{"yoda": {"source": "unet"}}]}}}))
+    assert len(body["images"]) == 1
+    dino = [{"yoda": {"source": "dino-vits8", "show": True}}]
+    if os.environ.get("ATTN_WEBUI_DINO") == "1":
+        body = ok(txt2img(dino, **hires, hr_upscaler="Latent"))
+        assert len(body["images"]) == 2 and "YODA source: dino-vits8" in infotext(body)
+    else:
+        status, err = txt2img(dino, **hires, hr_upscaler="Latent")
+        assert status >= 400 and "(yoda.source)" in json.dumps(err) and "dino-vits8" in json.dumps(err)
+    status, err = txt2img([{"yoda": {"source": "unet"}}])  # no hires fix
+    assert status >= 400 and "(yoda.enabled)" in json.dumps(err)
+    status, err = txt2img([{"yoda": {"start_coverage": 2}}], **hires, hr_upscaler="Latent")
+    assert status >= 400 and "(yoda.start_coverage)" in json.dumps(err)
+
+
 def _server_rss_mb() -> float | None:
     pid = os.environ.get("ATTN_WEBUI_PID")
     if not pid:

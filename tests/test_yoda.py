@@ -227,10 +227,10 @@ def test_dino_source_loads_from_the_models_folder_and_its_map_drives_the_mask(mo
 
         rgb = ((sd_samplers_common.samples_to_images_tensor(z0, 2, h.modules.shared.sd_model).float() + 1) / 2).clamp(0, 1)
     model = dino.load_model(str(dino_models / "dino" / "dino-vits8"))
-    f = dino.DEFAULT_MAX_SIDE / max(rgb.shape[-2:])
+    f = 224 / max(rgb.shape[-2:])  # enlarged to DINO's 224 px
     big = torch.nn.functional.interpolate(rgb, size=(round(rgb.shape[-2] * f), round(rgb.shape[-1] * f)),
                                           mode="bicubic", align_corners=False).clamp(0, 1)
-    want = yd.normalize_map(yd.resize_map(dino.attention_map(model, big), tuple(z0.shape[-2:])))
+    want = yd.normalize_map(yd.resize_map(dino.attention_map(model, big, max_side=224), tuple(z0.shape[-2:])))
     amap = passes[0][0][3]
     assert amap.shape == (1, 1, *z0.shape[-2:])
     assert torch.allclose(amap, want.to(amap), atol=1e-5)
@@ -302,6 +302,23 @@ def test_with_the_edit_mask_the_masks_multiply(monkeypatch):
     final = edit_masks[-1]
     out = (final == 0).expand_as(res.samples)
     assert torch.allclose(res.samples[out], seen[0]["z0"][out], atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM2", "DPM++ SDE", "LMS", "DDIM"])
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_every_sampler_ends_with_the_whole_image(monkeypatch, sampler, strength):
+    """The schedule counts the pass's model calls as the host makes them (second-order samplers: one call at their
+    last step; A1111's timestep samplers: two fewer than they announce), so the last call's mask is all ones."""
+    with a1111_host("sd1") as h:
+        h.load_script(SCRIPT)
+        seen, passes = spy(monkeypatch), masks_of(monkeypatch)
+        h.img2img(script_args=yoda_args(blur=0, start_coverage=0.1), init_images=[photo("cheetah1.jpg")],
+                  **{**BASE, "sampler_name": sampler, "steps": 8, "denoising_strength": strength})
+        assert not h.errors
+    masks = [m for _, _, m, _ in passes[0]]
+    assert len(masks) == len(seen) >= 3  # one mask per model call
+    assert torch.equal(masks[-1], torch.ones_like(masks[-1]))
+    assert float(masks[-2].mean()) < 1.0  # not full before the end
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])

@@ -139,8 +139,9 @@ class EditMaskRun:
         return em.blend(d, self.z0.to(d), self.mask.to(d))
 
     def finish_batch(self, image_size: tuple[int, int], fail: Callable[[Exception], None] | None = None) -> None:
-        """End of a batch's sampling: keep the final masks; a run that never got a map fails (never silently)."""
-        if self.mask is None and fail is not None:
+        """End of a batch's sampling: keep the final masks; a run whose steps never got a map fails (never silently).
+        A sampling call that made no model call at all (A1111's DDIM at a very low strength) has nothing to mask."""
+        if self.mask is None and self.builders is not None and fail is not None:
             fail(
                 FIELD_BY_KEY["edit_mask_layers"].error(
                     "no cross-attention map reached the mask layers during sampling, so no mask was made"

@@ -32,6 +32,7 @@ log = logging.getLogger("lib_attn")
 Tensor = torch.Tensor
 
 DINO_REPOS = {"dino-vits8": "facebook/dino-vits8", "dino-vitb8": "facebook/dino-vitb8"}
+DINO_SIDE = 224  # DINO's training scale; the RGB preview it sees has the latent's resolution (1/8 of the image)
 _MODELS: dict[str, torch.nn.Module] = {}  # loaded DINO models by name (a model cache, like the WebUI's own)
 
 
@@ -75,12 +76,16 @@ def unload_models() -> None:
 
 
 def pass_calls(den: Any) -> int:
-    """Model calls the CFG denoiser ``den`` makes in this pass.  ``total_steps`` is the host's own count; A1111's
-    timestep samplers (DDIM/PLMS/UniPC, also in Forge) launch ``t_enc + 1`` steps in an img2img pass but loop
-    ``len(timesteps) - 1 = t_enc - 1`` times, so two are taken off (full coverage then comes no later than the
-    last call)."""
+    """Model calls the CFG denoiser ``den`` makes in this pass.  ``total_steps`` is the host's own count
+    (``config.total_steps``: twice the steps for second-order samplers); two host habits are allowed for, so that
+    full coverage comes no later than the last call: second-order samplers (Heun, DPM2, DPM++ SDE) evaluate once,
+    not twice, at their last step (its next sigma is 0), and A1111's timestep samplers (DDIM/PLMS/UniPC, also in
+    Forge) launch ``t_enc + 1`` steps in an img2img pass but loop ``len(timesteps) - 1 = t_enc - 1`` times."""
     total = int(getattr(den, "total_steps", 0) or 0)
     sampler = getattr(den, "sampler", None)
+    options = getattr(getattr(sampler, "config", None), "options", None) or {}
+    if options.get("second_order"):
+        total -= 1
     if type(sampler).__module__.rsplit(".", 1)[-1] == "sd_samplers_timesteps":
         total -= 2
     return max(total, 1)
@@ -143,18 +148,17 @@ class YodaRun:
             self.amap = self.dino_map(latent_rgb(p, self.z0), tuple(z0.shape[-2:]))
 
     def dino_map(self, rgb: Tensor, latent_hw: tuple[int, int]) -> Tensor:
-        """DINO [CLS] attention of images (B, 3, H, W) in [0, 1], brought to the latent grid: (B, 1, h, w)."""
+        """DINO [CLS] attention of images (B, 3, H, W) in [0, 1], brought to the latent grid: (B, 1, h, w).  The
+        images are brought to a long side of :data:`DINO_SIDE` first (the preview has the latent's resolution)."""
         assert self.model is not None
         param = next(self.model.parameters())
         if rgb.device != param.device:
             self.model.to(rgb.device)
-        side = max(rgb.shape[-2:])
-        if side < dino.DEFAULT_MAX_SIDE:  # a latent-resolution preview: enlarge to DINO's working scale
-            f = dino.DEFAULT_MAX_SIDE / side
-            size = (max(1, round(rgb.shape[-2] * f)), max(1, round(rgb.shape[-1] * f)))
-            rgb = F.interpolate(rgb, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+        f = DINO_SIDE / max(rgb.shape[-2:])
+        size = (max(1, round(rgb.shape[-2] * f)), max(1, round(rgb.shape[-1] * f)))
+        rgb = F.interpolate(rgb, size=size, mode="bicubic", align_corners=False, antialias=f < 1).clamp(0, 1)
         with torch.no_grad():
-            grid = dino.attention_map(self.model, rgb)
+            grid = dino.attention_map(self.model, rgb, max_side=DINO_SIDE)
         return yd.normalize_map(yd.resize_map(grid, latent_hw))
 
     def add_unet(self, image: int, saliency: Tensor, hw: tuple[int, int]) -> None:

@@ -5,6 +5,7 @@
 docs/colorize_tiny.jpg: grayscale input | colour reference | output of reference colorization.
 docs/style_tiny.jpg: img2img content | style image | plain img2img | img2img with the style reference.
 docs/edit_mask_tiny.jpg: init image | automatic edit mask | img2img with the mask (prompt "a tiger").
+docs/yoda_tiny.jpg: init image (128 px) | attention map | share of the steps diffused | masked upscale to 256 px.
 """
 
 from __future__ import annotations
@@ -78,7 +79,28 @@ def edit_mask_sheet(out_path: pathlib.Path) -> None:
     print("wrote", out_path)
 
 
+def yoda_sheet(out_path: pathlib.Path) -> None:
+    """img2img upscale 128 -> 256 px with masked upscaling (UNet source): init | attention map | share of the steps
+    each pixel was diffused | result."""
+    init = Image.open(PHOTOS / "cheetah2.jpg").convert("RGB").resize((128, 128))
+    torch.manual_seed(0)
+    kw = dict(prompt="a cheetah", negative_prompt="", seed=1, steps=12, cfg_scale=5.0, width=256, height=256,
+              sampler_name="Euler", denoising_strength=0.6, init_images=[init])
+    with a1111_host("sd1") as h:
+        h.load_script(ROOT / "scripts" / "attention_toolkit.py")
+        res = h.img2img(**kw, script_args=[{"yoda": {"source": "unet", "show": True, "start_coverage": 0.2}}])
+    result, strip = res.images[0], res.images[-1].convert("RGB")
+    half = kw["width"]  # two panels at image size with a white gap between them
+    amap, share = strip.crop((0, 0, half, strip.height)), strip.crop((strip.width - half, 0, strip.width, strip.height))
+    sheet = Image.new("RGB", (4 * 256 + 24, 256), (255, 255, 255))
+    for i, im in enumerate((init, amap, share, result)):
+        sheet.paste(im.resize((256, 256)), (i * (256 + 8), 0))
+    sheet.save(out_path, quality=88)
+    print("wrote", out_path)
+
+
 if __name__ == "__main__":
     colorize_pair(ROOT / "docs" / "colorize_tiny.jpg")
     style_sheet(ROOT / "docs" / "style_tiny.jpg")
     edit_mask_sheet(ROOT / "docs" / "edit_mask_tiny.jpg")
+    yoda_sheet(ROOT / "docs" / "yoda_tiny.jpg")

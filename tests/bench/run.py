@@ -1,6 +1,6 @@
 """Benchmarks: cost of each method against plain sampling, measured in the same run.
 
-    .venv/bin/python tests/bench/run.py pag|colorize|style|edit_mask [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
+    .venv/bin/python tests/bench/run.py pag|colorize|style|edit_mask|masked_upscale [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
 
 ``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
 ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
@@ -21,6 +21,11 @@ interleaved): ``ratio edit_mask_vs_img2img``; the time the mask itself takes (it
 against a DiffEdit mask (10 noisings x 2 prompts in one batched UNet call, diffusers' defaults) on the same
 model: ``ratio diffedit_mask_vs_instant_mask``; and whole edits, DiffEdit's mask then the same img2img, against
 ours: ``ratio diffedit_edit_vs_instant_edit`` (a lower bound for DiffEdit, which also inverts the image).
+
+``masked_upscale`` times whole txt2img + hires-fix generations with masked upscaling (DINO source: a full-size
+ViT-S/8 with random weights, saved into a temporary models folder) against the same without, interleaved:
+``ratio masked_upscale_vs_hires``.  Use ``--size sd15`` (a full-size SD1.5 UNet: 256 -> 512 px): with the tiny UNet
+the DINO forward dwarfs the sampling and the ratio says nothing about a real model.
 
 ``style_memory`` counts, on the ``meta`` device (nothing allocated, seconds), the activations the guided pass keeps
 for its backward with full-size SD1.5 (512²) and SDXL (1024²) UNets in fp16, with and without checkpointing.
@@ -233,6 +238,82 @@ def bench_edit_mask(args: argparse.Namespace) -> float:
     return edit / plain
 
 
+def bench_masked_upscale(args: argparse.Namespace) -> float:
+    """Whole txt2img generations with hires fix (first pass at half size, hires pass x2, denoising 0.5), with masked
+    upscaling from DINO against the same without, interleaved.  The DINO model is a full-size ViT-S/8
+    (``facebook/dino-vits8``'s configuration, random weights) saved into a temporary models folder, so its forward
+    costs what the real one does; the time inside DINO and inside the run's own code is reported too."""
+    import tempfile
+
+    from transformers import ViTConfig, ViTModel
+
+    kind, size = _setup(args)
+    spent = {"dino": 0.0, "run": 0.0}
+
+    def timed_fn(owner, name, bucket):
+        original = getattr(owner, name)
+
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                spent[bucket] += time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+        return lambda: setattr(owner, name, original)
+
+    with tempfile.TemporaryDirectory() as models, a1111_host(kind) as h:
+        torch.manual_seed(0)
+        cfg = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                        patch_size=8, image_size=224, qkv_bias=True)
+        ViTModel(cfg, add_pooling_layer=False).save_pretrained(pathlib.Path(models) / "dino" / "dino-vits8")
+        h.load_script(SCRIPT)
+        from modules import paths
+
+        from lib_attn.host import yoda_io
+        from lib_attn.methods import dino
+
+        paths.models_path = models
+        restores = [timed_fn(dino, "attention_map", "dino")]
+        restores += [timed_fn(yoda_io.YodaRun, n, "run") for n in ("start_pass", "mask_for", "blend_input",
+                                                                   "blend_denoised", "add_unet")]
+        off, on = S.defaults().to_args(), [{"yoda": {"source": "dino-vits8"}}]
+        half = size // 2
+        base = dict(prompt="a photo of a cat", negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0,
+                    width=half, height=half, batch_size=args.batch, sampler_name="Euler", enable_hr=True,
+                    hr_scale=2.0, hr_upscaler="Latent", denoising_strength=0.5)
+
+        def generation(script_args):
+            spent.update(dino=0.0, run=0.0)
+            t0, c0 = time.perf_counter(), time.process_time()
+            h.txt2img(**base, script_args=script_args)
+            return time.perf_counter() - t0, time.process_time() - c0, spent["dino"], spent["run"] - spent["dino"]
+
+        try:
+            generation(on), generation(off)  # warm-up (loads the model once)
+            plain_t, yoda_t = [], []
+            for _ in range(args.repeat):
+                plain_t.append(generation(off))
+                yoda_t.append(generation(on))
+        finally:
+            for r in restores:
+                r()
+    med = statistics.median
+    print(f"size {args.size} ({half}px -> hires {size}px, batch {args.batch}, {args.steps} steps per pass at hires "
+          f"denoising 0.5 x {args.repeat} runs, CFG 5, torch threads {torch.get_num_threads()}; DINO ViT-S/8 full size)")
+    ratios = {}
+    for i, clock in enumerate(("wall", "cpu")):
+        a, b = med(t[i] for t in plain_t), med(t[i] for t in yoda_t)
+        ratios[clock] = b / a
+        print(f"{clock:4s} txt2img+hires {a * 1000:9.1f} ms   with masked upscaling {b * 1000:9.1f} ms")
+    print(f"of which DINO {med(t[2] for t in yoda_t) * 1000:.1f} ms, the run's other code "
+          f"{med(t[3] for t in yoda_t) * 1000:.1f} ms")
+    print(f"ratio masked_upscale_vs_hires_cpu {ratios['cpu']:.3f}")
+    print(f"ratio masked_upscale_vs_hires {ratios['wall']:.3f}")
+    return ratios["wall"]
+
+
 def _reset_peak_rss() -> float:
     """Reset the kernel's peak-RSS mark of this process (Linux clear_refs) and return the current RSS in MB."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -410,6 +491,7 @@ BENCHES = {
     "style": bench_style,
     "style_memory": bench_style_memory,
     "edit_mask": bench_edit_mask,
+    "masked_upscale": bench_masked_upscale,
 }
 
 

@@ -1,5 +1,7 @@
 """Double of modules/sd_samplers_kdiffusion.py: the REAL k-diffusion samplers behind A1111's CFGDenoiser."""
 
+from types import SimpleNamespace
+
 import k_diffusion.external
 import k_diffusion.sampling
 import torch
@@ -34,6 +36,8 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         funcname, self.second_order, self.brownian, self.karras = SAMPLERS[name]
         super().__init__(funcname)
         self.name = name
+        # A1111 gives every sampler its SamplerData as ``config`` (sd_samplers.create_sampler)
+        self.config = SimpleNamespace(name=name, options={"second_order": self.second_order})
         self.func = getattr(k_diffusion.sampling, funcname)
         self.model_wrap_cfg = CFGDenoiserKDiffusion(self)
 
