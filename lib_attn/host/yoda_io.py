@@ -62,8 +62,11 @@ def load_dino(name: str, folder: str | None = None) -> torch.nn.Module:
     except ImportError as e:
         raise field.error(f"the DINO source needs the transformers package ({e}); choose source 'unet'") from None
     except Exception as e:  # no network, no files, a broken download: say what to do
+        hint = ""
+        if isinstance(e, AttributeError) and "NoneType" in str(e):
+            hint = " (the WebUI's safe unpickler refused the .bin file, see the console: use model.safetensors)"
         raise field.error(
-            f"could not load {DINO_REPOS[name]} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). It is "
+            f"could not load {DINO_REPOS[name]} ({type(e).__name__}: {str(e).splitlines()[0][:200]}){hint}. It is "
             f"downloaded on first use into {folder}; without network, save it there as {local} "
             "(config.json + model.safetensors), or choose source 'unet' (no extra model)"
         ) from None
