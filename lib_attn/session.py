@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lib_attn.layers import LayerKey, LayerSelectorError, keys_from_module_names
-from lib_attn.layers import select
+from lib_attn.layers import LayerKey, LayerSelectorError, keys_from_module_names, select
 from lib_attn.methods import colorize, edit_mask, style, yoda
 from lib_attn.methods.colorize import ColorizePlan
 from lib_attn.methods.pag import PagPlan
@@ -127,7 +126,9 @@ def plan_pass(
     y = settings.yoda
     if y.enabled and (is_hr_pass or img2img):
         source = "unet" if y.source == "unet" else "dino"
-        layers = tuple(select(edit_mask.default_selector(available), available, attn="attn1")) if source == "unet" else ()
+        layers = (
+            tuple(select(edit_mask.default_selector(available), available, attn="attn1")) if source == "unet" else ()
+        )
         if source == "unet" and not layers:
             raise FIELD_BY_KEY["yoda_source"].error("this model has no self-attention layers to take a map from")
         yo = yoda.YodaPlan(

@@ -4,6 +4,7 @@ into the models folder, no download) and UNet sources, with the edit mask and PA
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 
 import pytest
@@ -180,7 +181,7 @@ def test_img2img_outside_the_mask_is_the_noised_source_and_masks_grow_to_all(mon
     assert len(masks) == len(seen)  # one mask per model call
     cover = [float(m.mean()) for m in masks]
     assert abs(cover[0] - 0.3) < 0.05  # the start coverage (ties may add a little)
-    for a, b in zip(masks, masks[1:]):  # nested: a pixel once in stays in
+    for a, b in itertools.pairwise(masks):  # nested: a pixel once in stays in
         assert bool((b >= a).all())
     assert torch.equal(masks[-1], torch.ones_like(masks[-1]))  # the last call diffuses everything
     assert (res.samples - z0).abs().max() > 1e-3
@@ -374,7 +375,7 @@ def test_forge_img2img_and_hires(monkeypatch, dino_models):
         assert check_outside_is_noised_source(seen, 1e-4) >= 3
         masks = [m for _, _, m, _ in passes[0]]
         assert torch.equal(masks[-1], torch.ones_like(masks[-1]))
-        assert all(bool((b >= a).all()) for a, b in zip(masks, masks[1:]))
+        assert all(bool((b >= a).all()) for a, b in itertools.pairwise(masks))
         seen.clear()
         res = h.txt2img(script_args=yoda_args(show=True), enable_hr=True, hr_scale=1.5, batch_size=2,
                         **{**T2I, "steps": 4})

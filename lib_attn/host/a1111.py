@@ -267,7 +267,14 @@ class A1111Session(Session):
                 capture = []
         if not groups:  # no rows to insert: a capture call, or style / edit mask only
             self._step = _Step(
-                layout.with_groups([]), 0.0, den, colorize, style_in=style_in, edit=edit, yoda=yoda_at, blend_in=blend_in
+                layout.with_groups([]),
+                0.0,
+                den,
+                colorize,
+                style_in=style_in,
+                edit=edit,
+                yoda=yoda_at,
+                blend_in=blend_in,
             )
             self._cursor = 0
             if capture:
@@ -436,7 +443,6 @@ class A1111Session(Session):
         for (i, _), s_ in zip(local, sal, strict=True):
             run.add_unet(i, s_, hw)
         return out
-
 
     def _edit_attn2(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         """Cross-attention of the mask layers: the host's (optimized) attention gives the output; the

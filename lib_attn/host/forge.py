@@ -204,22 +204,12 @@ class ForgeSession(Session):
         run = self.yoda
         if run is None or self._yoda_at is None or run.amap is not None:
             return
-        if extra_options.get(_MODE) is not None or (self.step, key) in self._yoda_seen:
+        where = self._cond_chunk(key, q, extra_options, self._yoda_seen, "yoda_source")
+        if where is None:
             return
-        flags = list(extra_options.get("cond_or_uncond") or [])
-        if 0 not in flags or q.shape[0] % len(flags):
-            return
-        self._yoda_seen.add((self.step, key))
-        chunk = q.shape[0] // len(flags)
-        start = flags.index(0) * chunk
-        shape = extra_options.get("original_shape")
-        try:
-            hw = em.grid_of(int(q.shape[1]), (int(shape[-2]), int(shape[-1])))
-        except (TypeError, ValueError) as e:
-            self.fail(FIELD_BY_KEY["yoda_source"].error(f"cannot place the attention map: {e}"))
-            return
+        a, b, hw = where
         with torch.no_grad():
-            sal = yd.self_attention_saliency(q[start : start + chunk], k[start : start + chunk], int(extra_options["n_heads"]))
+            sal = yd.self_attention_saliency(q[a:b], k[a:b], int(extra_options["n_heads"]))
         for i, s_ in enumerate(sal):
             run.add_unet(i, s_, hw)
 
@@ -256,25 +246,37 @@ class ForgeSession(Session):
         out = _attention(q, k, v, heads)
         block = extra_options.get("block")
         key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
-        if extra_options.get(_MODE) is not None or (self.step, key) in self._edit_seen or self.edit is None:
+        where = (
+            None if self.edit is None else self._cond_chunk(key, q, extra_options, self._edit_seen, "edit_mask_layers")
+        )
+        if where is None:
             return out
+        a, b, hw = where
+        with torch.no_grad():
+            probs = em.attention_probs(q[a:b], k[a:b], heads)
+        for i, pr in enumerate(probs):
+            self.edit.add(i, pr, hw)
+        return out
+
+    def _cond_chunk(self, key: Any, q: Any, extra_options: dict, seen: set, field: str) -> tuple | None:
+        """For the maps of the edit mask and of masked upscaling: the cond rows of this attention call and its grid,
+        ``(start, stop, (h, w))``, once per step and layer (the step's own model call, not PAG's extra call) and
+        never in colorization's or style's calls; None otherwise.  A grid that does not fit fails ``field``."""
+        if extra_options.get(_MODE) is not None or (self.step, key) in seen:
+            return None
         flags = list(extra_options.get("cond_or_uncond") or [])
         if 0 not in flags or q.shape[0] % len(flags):
-            return out
-        self._edit_seen.add((self.step, key))
+            return None
+        seen.add((self.step, key))
         chunk = q.shape[0] // len(flags)
         start = flags.index(0) * chunk
         shape = extra_options.get("original_shape")
         try:
             hw = em.grid_of(int(q.shape[1]), (int(shape[-2]), int(shape[-1])))
         except (TypeError, ValueError) as e:
-            self.fail(FIELD_BY_KEY["edit_mask_layers"].error(f"cannot place the attention map: {e}"))
-            return out
-        with torch.no_grad():
-            probs = em.attention_probs(q[start : start + chunk], k[start : start + chunk], heads)
-        for i, pr in enumerate(probs):
-            self.edit.add(i, pr, hw)
-        return out
+            self.fail(FIELD_BY_KEY[field].error(f"cannot place the attention map: {e}"))
+            return None
+        return start, start + chunk, hw
 
     def patch_unet(self, p: Any) -> None:
         """Called from ``process_before_every_sampling``: patch a clone of ``forge_objects.unet``."""
@@ -354,9 +356,9 @@ class ForgeSession(Session):
         if plan.edit is not None and self.edit is not None and self.edit.update(tuple(denoised.shape[-2:])) is not None:
             denoised = self.edit.blend_denoised(denoised)
         at = self._yoda_at
-        if plan.yoda is not None and self.yoda is not None and at is not None and self.error is None:
-            if self.yoda.mask_for(*at) is not None:  # the masks multiply with the edit mask's (same source)
-                denoised = self.yoda.blend_denoised(denoised)
+        yoda_on = plan.yoda is not None and self.yoda is not None and at is not None and self.error is None
+        if yoda_on and self.yoda.mask_for(*at) is not None:  # the masks multiply with the edit mask's (same source)
+            denoised = self.yoda.blend_denoised(denoised)
         return denoised
 
     # ---- style reference ------------------------------------------------------------------

@@ -162,24 +162,26 @@ def bench_colorize(args: argparse.Namespace) -> float:
     return ratios["wall"]
 
 
+def _time_into(spent: dict, bucket: str, owner: object, name: str):
+    """Wrap ``owner.name`` so that the seconds spent inside it add to ``spent[bucket]``; returns the unwrapper."""
+    original = getattr(owner, name)
+
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return original(*a, **kw)
+        finally:
+            spent[bucket] += time.perf_counter() - t0
+
+    setattr(owner, name, wrapper)
+    return lambda: setattr(owner, name, original)
+
+
 def bench_edit_mask(args: argparse.Namespace) -> float:
     kind, size = _setup(args)
     init = _photo("cheetah1.jpg").resize((size, size))
     prompt = "a photo of a tiger"
-    spent = [0.0]  # seconds inside the mask's own code (capture, maps, mask, blends)
-
-    def timed_fn(owner, name):
-        original = getattr(owner, name)
-
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return original(*a, **kw)
-            finally:
-                spent[0] += time.perf_counter() - t0
-
-        setattr(owner, name, wrapper)
-        return lambda: setattr(owner, name, original)
+    spent = {"mask": 0.0}  # seconds inside the mask's own code (capture, maps, mask, blends)
 
     with a1111_host(kind) as h:
         h.load_script(SCRIPT)
@@ -191,14 +193,15 @@ def bench_edit_mask(args: argparse.Namespace) -> float:
                     height=size, batch_size=args.batch, sampler_name="Euler", denoising_strength=0.5,
                     init_images=[init])
         model = h.modules.shared.sd_model
-        restores = [timed_fn(em, "cross_attention_probs"), timed_fn(em.MapSum, "add")]
-        restores += [timed_fn(edit_mask_io.EditMaskRun, n) for n in ("update", "blend_input", "blend_denoised")]
+        restores = [_time_into(spent, "mask", em, "cross_attention_probs"), _time_into(spent, "mask", em.MapSum, "add")]
+        restores += [_time_into(spent, "mask", edit_mask_io.EditMaskRun, n)
+                     for n in ("update", "blend_input", "blend_denoised")]
 
         def generation(script_args):
-            spent[0] = 0.0
+            spent["mask"] = 0.0
             t0 = time.perf_counter()
             h.img2img(**base, script_args=script_args)
-            return time.perf_counter() - t0, spent[0]
+            return time.perf_counter() - t0, spent["mask"]
 
         z0 = model.get_first_stage_encoding(model.encode_first_stage(torch.rand(args.batch, 3, size, size) * 2 - 1))
         conds = model.get_learned_conditioning([prompt, ""])
@@ -250,19 +253,6 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
     kind, size = _setup(args)
     spent = {"dino": 0.0, "run": 0.0}
 
-    def timed_fn(owner, name, bucket):
-        original = getattr(owner, name)
-
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return original(*a, **kw)
-            finally:
-                spent[bucket] += time.perf_counter() - t0
-
-        setattr(owner, name, wrapper)
-        return lambda: setattr(owner, name, original)
-
     with tempfile.TemporaryDirectory() as models, a1111_host(kind) as h:
         torch.manual_seed(0)
         cfg = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
@@ -275,9 +265,9 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
         from lib_attn.methods import dino
 
         paths.models_path = models
-        restores = [timed_fn(dino, "attention_map", "dino")]
-        restores += [timed_fn(yoda_io.YodaRun, n, "run") for n in ("start_pass", "mask_for", "blend_input",
-                                                                   "blend_denoised", "add_unet")]
+        restores = [_time_into(spent, "dino", dino, "attention_map")]
+        restores += [_time_into(spent, "run", yoda_io.YodaRun, n)
+                     for n in ("start_pass", "mask_for", "blend_input", "blend_denoised", "add_unet")]
         off, on = S.defaults().to_args(), [{"yoda": {"source": "dino-vits8"}}]
         half = size // 2
         base = dict(prompt="a photo of a cat", negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0,
