@@ -298,7 +298,8 @@ def test_masked_upscaling_in_the_hires_pass_and_img2img():
     UNet source always; DINO when ``ATTN_WEBUI_DINO=1`` says the WebUI has ``models/dino/dino-vits8`` (else its
     offline failure must name ``yoda.source``).  Previews come back at the output height, infotext pastes back, the
     result differs from plain hires fix, and bad requests name their field."""
-    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 4}
+    hires = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 4,
+             "hr_additional_modules": ["Use same choices"]}  # Forge's API fails without it; A1111 ignores it
     for upscaler in ("Latent", "Lanczos"):
         kw = {**hires, "hr_upscaler": upscaler, "batch_size": 2}
         plain = ok(txt2img(**kw))
