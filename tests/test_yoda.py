@@ -205,6 +205,28 @@ def test_hires_pass_only_and_its_source_is_the_upscaled_latent(monkeypatch, upsc
     assert res.samples.shape[-2:] == z0.shape[-2:]
 
 
+def test_hires_checkpoint_switch(monkeypatch):
+    """An own checkpoint for the hires pass: the UNet source's map comes from the switched model's attention, the
+    blend holds, and no patch stays on either model."""
+    from tests.support.tiny import make_sd_model
+
+    with a1111_host("sd1", dtype=torch.float64, models={"other": lambda: make_sd_model("sd1", seed=7)}) as h:
+        h.load_script(SCRIPT)
+        first = h.modules.shared.sd_model
+        seen, passes = spy(monkeypatch), masks_of(monkeypatch)
+        h.txt2img(script_args=yoda_args(blur=0), enable_hr=True, hr_scale=1.5, hr_checkpoint_name="other", **T2I)
+        assert not h.errors
+        second = h.modules.shared.sd_model
+        assert second is not first and seen and all(st["hr"] for st in seen)
+        assert check_outside_is_noised_source(seen, 1e-9) >= 2
+        masks = [m for _, _, m, _ in passes[0]]
+        assert torch.equal(masks[-1], torch.ones_like(masks[-1])) and float(masks[0].mean()) < 0.5
+        for model in (first, second):
+            for m in model.model.diffusion_model.modules():
+                assert "forward" not in m.__dict__ and not m._forward_pre_hooks
+        assert h.callback_count() == 0
+
+
 def test_txt2img_without_hires_fix_is_refused():
     with a1111_host("sd1") as h:
         h.load_script(SCRIPT)

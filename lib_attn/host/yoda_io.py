@@ -100,7 +100,8 @@ def latent_rgb(p: Any, z: Tensor) -> Tensor:
     from modules import sd_samplers_common
 
     with torch.no_grad():
-        rgb = sd_samplers_common.samples_to_images_tensor(z, 2, getattr(p, "sd_model", None))
+        # float32: the hosts' coefficient tensors are float32 and einsum does not mix dtypes (fp16 init latents)
+        rgb = sd_samplers_common.samples_to_images_tensor(z.float(), 2, getattr(p, "sd_model", None))
     return ((rgb.float() + 1) / 2).clamp(0, 1)
 
 
