@@ -7,5 +7,5 @@ _COEFS = ((0.30, 0.22, 0.20), (0.18, 0.28, 0.12), (-0.12, 0.10, 0.30), (-0.20, -
 
 
 def cheap_approximation(sample):
-    coefs = torch.tensor(_COEFS, dtype=sample.dtype, device=sample.device)
+    coefs = torch.tensor(_COEFS).to(sample.device)  # float32, as the hosts do (einsum then needs a float32 sample)
     return torch.einsum("...lxy,lr -> ...rxy", sample, coefs)
