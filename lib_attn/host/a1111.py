@@ -15,6 +15,9 @@ ride in the same model call as cond and uncond when ``batch_cond_uncond`` is on.
 pre-hook on the UNet counts rows call by call, and the wrapped self-attention modules replace
 the attention map by the identity on exactly those rows.  ``on_cfg_denoised`` reads the cond
 and perturbed outputs, and ``on_cfg_after_cfg`` adds ``s * (cond - perturbed)``.
+
+Edit mask and masked upscaling: ``on_cfg_denoiser`` keeps the noised source outside their masks in the model
+input (before any rows are inserted), ``on_cfg_after_cfg`` keeps the source in the prediction (``_keep_source``).
 """
 
 from __future__ import annotations
