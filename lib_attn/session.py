@@ -9,9 +9,11 @@ over, so a bad setting fails the generation loudly instead of being logged and d
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -159,6 +161,20 @@ class Session:
         if self.error is None:
             self.error = error
         log.error("[Attention Toolkit] %s", error)
+
+    def guarded(self, callback: Callable) -> Callable:
+        """``callback`` as a host callback: an exception fails the generation with its cause (raised once sampling
+        returns) instead of being logged and dropped by the host's callback runner while sampling goes on."""
+
+        @functools.wraps(callback)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except Exception as e:
+                self.fail(e)
+                return None
+
+        return call
 
     def end_pass(self) -> None:
         self.patches.remove()

@@ -405,3 +405,28 @@ def test_forge_img2img_and_hires(monkeypatch, dino_models):
         assert [i.mode for i in res.images].count("L") == 2  # one preview per image (after Forge's grid and images)
         with pytest.raises(S.SettingsError, match=r"yoda\.enabled"):
             h.txt2img(script_args=yoda_args(), **T2I)
+
+
+def test_forge_an_exception_in_the_denoiser_callback_fails_the_generation(monkeypatch):
+    """Forge's callback runner logs and drops exceptions too: one inside the input blend fails the generation with
+    its cause, and nothing stays registered or patched."""
+    from tests.fakes.forge_env import forge_host
+
+    init = photo("cheetah1.jpg")
+    with forge_host() as h:
+        h.load_script(SCRIPT)
+        yoda_io = importlib.import_module("lib_attn.host.yoda_io")
+        orig = yoda_io.YodaRun.blend_input
+
+        def boom(self, *a):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(yoda_io.YodaRun, "blend_input", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            h.img2img(init_images=[init], script_args=yoda_args(), **BASE)
+        assert h.callback_count() == 0
+        unet = h.sd_model.forge_objects_after_applying_lora.unet
+        assert not getattr(unet, "_attn_toolkit_session", None)
+        monkeypatch.setattr(yoda_io.YodaRun, "blend_input", orig)
+        res = h.img2img(init_images=[init], script_args=yoda_args(), **BASE)
+        assert len(res.images) == 1

@@ -129,9 +129,9 @@ class A1111Session(Session):
             self._count_tokens = edit_mask_io.token_counter(getattr(self.p, "sd_model", None) or shared.sd_model)
             self.edit.begin_batch()
         callbacks = (
-            (script_callbacks.on_cfg_denoiser, self.on_cfg_denoiser),
-            (script_callbacks.on_cfg_denoised, self.on_cfg_denoised),
-            (script_callbacks.on_cfg_after_cfg, self.on_cfg_after_cfg),
+            (script_callbacks.on_cfg_denoiser, self.guarded(self.on_cfg_denoiser)),
+            (script_callbacks.on_cfg_denoised, self.guarded(self.on_cfg_denoised)),
+            (script_callbacks.on_cfg_after_cfg, self.guarded(self.on_cfg_after_cfg)),
         )
         try:
             for register, fn in callbacks:
@@ -247,12 +247,8 @@ class A1111Session(Session):
             self.fail(e)
             return
         first = list(layout.first_cond)
-        try:
-            edit = edit and self._edit_input(params, layout, den)
-            yoda_at = self._yoda_input(params, layout, den) if yoda else None
-        except Exception as e:  # the host would log and drop it: fail the generation with the cause
-            self.fail(e)
-            return
+        edit = edit and self._edit_input(params, layout, den)
+        yoda_at = self._yoda_input(params, layout, den) if yoda else None
         blend_in = None
         if edit or yoda_at is not None:
             blend_in = params.x[first].detach().clone(), params.sigma[first].detach().clone()
@@ -348,10 +344,7 @@ class A1111Session(Session):
             delta = delta * nmask  # keep the inpainting blend: no change where the original is kept
         out = params.x + delta.to(params.x.dtype)
         if st.blend_in is not None and self.error is None:
-            try:
-                out = self._keep_source(st, den, out)
-            except Exception as e:  # the host would log and drop it: fail the generation with the cause
-                self.fail(e)
+            out = self._keep_source(st, den, out)
         params.x = out
 
     def _keep_source(self, st: _Step, den: Any, out: torch.Tensor) -> torch.Tensor:
@@ -389,10 +382,7 @@ class A1111Session(Session):
                 self.fail(e)
                 return False
         else:
-            plain = layout.with_groups([])  # the rows as the host made them: cond rows, then uncond rows
-            images = [plain.image_of_row(r) for r in range(rows)]
-            noised = _noised(den, run.z0[images].to(params.x), run.noise[images].to(params.x), params.sigma)
-            params.x = run.blend_input(params.x, images, noised)
+            self._keep_source_input(run, params, layout, den)
         return True
 
     # ---- masked upscaling (YODA) --------------------------------------------------------------
@@ -418,62 +408,78 @@ class A1111Session(Session):
             run.mask_for(*at)  # the first call's input is the noised source everywhere: nothing to blend
             return at
         if run.mask_for(*at) is not None:
-            plain = layout.with_groups([])  # the rows as the host made them: cond rows, then uncond rows
-            images = [plain.image_of_row(r) for r in range(rows)]
-            noised = _noised(den, run.z0[images].to(params.x), run.noise[images].to(params.x), params.sigma)
-            params.x = run.blend_input(params.x, images, noised)
+            self._keep_source_input(run, params, layout, den)
         return at
+
+    @staticmethod
+    def _keep_source_input(run: Any, params: Any, layout: BatchLayout, den: Any) -> None:
+        """The model input keeps ``run``'s source, noised to each row's level, outside its mask (every cond and
+        uncond row as the host made them, before any rows of ours are inserted)."""
+        plain = layout.with_groups([])  # the rows as the host made them: cond rows, then uncond rows
+        images = [plain.image_of_row(r) for r in range(plain.n_cond + plain.n_images)]
+        noised = _noised(den, run.z0[images].to(params.x), run.noise[images].to(params.x), params.sigma)
+        params.x = run.blend_input(params.x, images, noised)
 
     def _yoda_attn1(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         """Self-attention of the "unet" source layers: at the pass's first call, the saliency of each image's
         first cond row (the output is the host's own)."""
         out = call_next(*args, **kwargs)
-        st, call, run = self._step, self._call, self.yoda
-        if st is None or call is None or st.yoda is None or self._prepass is not None or run.amap is not None:
+        st, run = self._step, self.yoda
+        if st is None or self._call is None or st.yoda is None or self._prepass is not None or run.amap is not None:
             return out
         x = args[0]
-        local = [(i, g - call[0]) for i, g in enumerate(st.layout.first_cond) if call[0] <= g < call[0] + call[1]]
-        if not local or _rows(x) != call[1]:
+        where = self._first_cond_rows(x, "yoda_source")
+        if where is None:
             return out
+        local, hw = where
         rows = [j for _, j in local]
-        try:
-            hw = em.grid_of(int(x.shape[1]), self._latent_hw)
-        except ValueError as e:
-            self.fail(FIELD_BY_KEY["yoda_source"].error(f"{e} (Hypertile?)"))
-            return out
         with torch.no_grad():
             sal = yd.self_attention_saliency(module.to_q(x[rows]), module.to_k(x[rows]), int(module.heads))
         for (i, _), s_ in zip(local, sal, strict=True):
             run.add_unet(i, s_, hw)
         return out
 
+    def _first_cond_rows(self, x: torch.Tensor, field: str) -> tuple[list[tuple[int, int]], tuple[int, int]] | None:
+        """For the maps of the edit mask and masked upscaling: ``(image, row in this call)`` of each image's first
+        cond row in the model call in progress, and the layer's (h, w) grid; None when the call holds none.  Rows
+        or a grid that do not fit the model call fail ``field`` (an extension reshaping attention, Hypertile)."""
+        st, call = self._step, self._call
+        if _rows(x) != call[1]:
+            self.fail(
+                FIELD_BY_KEY[field].error(
+                    "the attention rows do not match the model call (an extension reshaping attention?)"
+                )
+            )
+            return None
+        local = [(i, g - call[0]) for i, g in enumerate(st.layout.first_cond) if call[0] <= g < call[0] + call[1]]
+        if not local:
+            return None
+        try:
+            hw = em.grid_of(int(x.shape[1]), self._latent_hw)
+        except ValueError as e:
+            self.fail(FIELD_BY_KEY[field].error(f"{e} (Hypertile?)"))
+            return None
+        return local, hw
+
     def _edit_attn2(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         """Cross-attention of the mask layers: the host's (optimized) attention gives the output; the
         probabilities are computed again only for each image's first cond row in this call."""
         out = call_next(*args, **kwargs)
-        st, call = self._step, self._call
-        if st is None or call is None or not st.edit or self._prepass is not None:
+        st = self._step
+        if st is None or self._call is None or not st.edit or self._prepass is not None:
             return out
         x = args[0]
         context = kwargs.get("context", args[1] if len(args) > 1 else None)
-        if not isinstance(context, torch.Tensor) or _rows(x) != call[1]:
-            self.fail(
-                FIELD_BY_KEY["edit_mask_layers"].error(
-                    "the cross-attention rows do not match the model call (an extension reshaping attention?)"
-                )
-            )
+        if not isinstance(context, torch.Tensor):
+            self.fail(FIELD_BY_KEY["edit_mask_layers"].error("the cross-attention call has no text context"))
             return out
-        local = [(i, g - call[0]) for i, g in enumerate(st.layout.first_cond) if call[0] <= g < call[0] + call[1]]
-        if not local:
+        where = self._first_cond_rows(x, "edit_mask_layers")
+        if where is None:
             return out
+        local, hw = where
         rows = [j for _, j in local]
         with torch.no_grad():
             probs = em.cross_attention_probs(module, x[rows], context[rows])
-        try:
-            hw = em.grid_of(int(x.shape[1]), self._latent_hw)
-        except ValueError as e:
-            self.fail(FIELD_BY_KEY["edit_mask_layers"].error(f"{e} (Hypertile?)"))
-            return out
         for (i, _), pr in zip(local, probs, strict=True):
             self.edit.add(i, pr, hw)
         return out

@@ -133,7 +133,8 @@ class ForgeSession(Session):
         if self.edit is not None:
             self._count_tokens = edit_mask_io.token_counter(self.p.sd_model)
             self.edit.begin_batch()
-        script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
+        on_cfg_denoiser = self.guarded(self.on_cfg_denoiser)
+        script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
         try:
             yield self
             if self.edit is not None and self.error is None:
@@ -141,7 +142,7 @@ class ForgeSession(Session):
             if self.yoda is not None and self.error is None:
                 self.yoda.finish_pass(self.fail)
         finally:
-            script_callbacks.remove_callbacks_for_function(self.on_cfg_denoiser)
+            script_callbacks.remove_callbacks_for_function(on_cfg_denoiser)
             if self.yoda is not None:
                 self.yoda.begin_pass(None)
             self.end_pass()

@@ -5,7 +5,7 @@
 * ``start_pass`` (first model call of a pass it acts on): the pass's source latent (img2img's init latent,
   the hires pass's upscaled latent), the noise the sampler started from, and, for DINO, the attention map
   of that latent's RGB preview.  The "unet" source fills the map from the first call's self-attention.
-* ``step_mask``: the mask of this call (schedule of :mod:`lib_attn.methods.yoda`), kept for the preview.
+* ``mask_for``: the mask of a model call (schedule of :mod:`lib_attn.methods.yoda`), kept for the preview.
 * ``blend_input`` / ``blend_denoised``: the source, noised to the current level, outside the mask.
 * ``finish_pass`` / ``images``: the previews (attention map | share of the steps each pixel was diffused).
 
@@ -72,10 +72,6 @@ def load_dino(name: str, folder: str | None = None) -> torch.nn.Module:
         ) from None
     _MODELS[name] = model
     return model
-
-
-def unload_models() -> None:
-    _MODELS.clear()
 
 
 def pass_calls(den: Any) -> int:
