@@ -430,12 +430,12 @@ FIELDS: tuple[Field, ...] = (
         "Strength",
         "Style strength",
         "float",
-        0.1,
+        0.2,
         0.0,
         1.0,
         0.005,
         help="Adam learning rate of the inner gradient steps; their displacement moves the denoised prediction. "
-        "0 switches the guidance off.",
+        "0 switches the guidance off. With more gradient steps per step, a lower strength moves as far.",
     ),
     Field(
         "style",
@@ -443,12 +443,13 @@ FIELDS: tuple[Field, ...] = (
         "Gradient steps per step",
         "Style iters",
         "int",
-        2,
+        1,
         1,
         10,
         1,
-        help="Inner iterations (forward + backward through the UNet) per guided denoising step "
-        "(official: 3 for SD1.5, 2 for SDXL). Cost grows with it.",
+        help="Inner iterations (forward + backward through the UNet) per guided denoising step (official: 3 for "
+        "SD1.5, 2 for SDXL). The first reuses the WebUI's own negative-prompt pass; each further one costs a "
+        "forward and a backward more.",
     ),
     *_interval("style", "Style", "The style guidance acts"),
     Field(
@@ -735,6 +736,21 @@ FIELDS: tuple[Field, ...] = (
         help="Add one preview per image: the attention map and, beside it, the share of the steps each pixel was "
         "diffused (white = all).",
     ),
+    # ---- appended after the sections above (positional order never changes) ----
+    Field(
+        "colorize",
+        "reference_scale",
+        "Reference streams' resolution",
+        "Colorize reference scale",
+        "float",
+        0.5,
+        0.25,
+        1.0,
+        0.05,
+        help="Side of the two reference streams (colour and gray) as a share of the generation size, rounded to "
+        "64 px: their keys and values need not have the input's token count. 0.5 costs a quarter of 1 "
+        "(the official code's full size).",
+    ),
 )
 
 SECTION_TITLES: dict[str, str] = {
@@ -798,6 +814,7 @@ class ColorizeSettings:
     beta_coarse: float = 0.0
     adain: bool = True
     match_colors: bool = True
+    reference_scale: float = 0.5
 
     @property
     def active(self) -> bool:
@@ -808,8 +825,8 @@ class ColorizeSettings:
 class StyleSettings:
     enabled: bool = False
     reference: tuple = ()  # RGB PIL images
-    strength: float = 0.1
-    iters: int = 2
+    strength: float = 0.2
+    iters: int = 1
     start: float = 0.0
     end: float = 1.0
     layers: str = "auto"

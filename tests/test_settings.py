@@ -67,6 +67,7 @@ EXAMPLE_ALL = {
     "yoda_threshold": 0.8,
     "yoda_blur": 0,
     "yoda_show": True,
+    "colorize_reference_scale": 0.75,
 }
 
 

@@ -402,6 +402,48 @@ def test_hires_modes_pag_together_and_img2img_content():
         assert_no_leftovers(h)
 
 
+@pytest.mark.parametrize(
+    ("extra", "pag"),
+    [({}, False), ({"adain": False, "iters": 2}, True), ({"content_weight": 0.5, "iters": 3}, False)],
+)
+def test_host_uncond_rows_are_the_first_guided_forward(extra, pag):
+    """Where A1111 runs the uncond rows (the latent being sampled, negative prompt: what the guided pass runs), they
+    run with grad as the first inner iteration's forward: one UNet row per image and guided step fewer, and the
+    same result as a guided forward of its own (float64).  With PAG its rows come before them in the same call."""
+    ref = photo("cheetah1.jpg")
+    args = [{"style": {"reference": ref, **extra}, **({"pag": {"scale": 2.0}} if pag else {})}]
+    kw = dict(BASE, batch_size=2)
+    if "content_weight" in extra:
+        kw.update(init_images=[small("lion.jpg")], denoising_strength=0.7)
+    run = (lambda h: h.img2img(**kw, script_args=args)) if "init_images" in kw else (
+        lambda h: h.txt2img(**kw, script_args=args))
+    with a1111_host("sd1", dtype=torch.float64) as h, sessions() as seen:
+        h.load_script(SCRIPT)
+        unet = h.modules.shared.sd_model.model.diffusion_model
+        rows: list[int] = []
+        handle = unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+        mod = importlib.import_module("lib_attn.host.a1111")
+        original = mod.A1111Session._style_reuse
+        try:
+            reused = run(h).samples
+            n_reused, losses_reused = sum(rows), seen[-1].style_losses
+            rows.clear()
+            mod.A1111Session._style_reuse = lambda self, *a: False
+            separate = run(h).samples
+            n_separate, losses_separate = sum(rows), seen[-1].style_losses
+        finally:
+            mod.A1111Session._style_reuse = original
+            handle.remove()
+        assert_no_leftovers(h)
+    guided_steps = len(losses_reused)
+    assert guided_steps > 0 and len(losses_separate) == guided_steps
+    assert n_separate - n_reused == 2 * guided_steps  # batch 2: one forward of two rows per guided step
+    # the same computation in other batches: float64 rounding, which Adam's g / (|g| + eps) magnifies where a
+    # gradient entry is near eps (a first step moves every entry by about the learning rate, whatever its size)
+    assert (reused - separate).abs().max() < 1e-6
+    assert max(abs(a - b) for x, y in zip(losses_reused, losses_separate, strict=True) for a, b in zip(x, y)) < 1e-9
+
+
 def test_failures_leave_grad_mode_hooks_and_caches_as_they_were():
     ref = photo("cheetah1.jpg")
     with a1111_host("sd1") as h, sessions() as seen:
@@ -447,7 +489,7 @@ def test_forge_with_inference_mode_weights():
         h.load_script(SCRIPT)
         plain = h.txt2img(**kw).samples
         off = h.txt2img(**kw, script_args=S.defaults().to_args()).samples
-        out = h.txt2img(**kw, script_args=style_args(ref, adain=False))
+        out = h.txt2img(**kw, script_args=style_args(ref, adain=False, iters=2))
         assert not h.errors
         unet = h.modules.shared.sd_model.forge_objects.unet.model.diffusion_model
         assert all(p.is_inference() for p in unet.parameters())

@@ -72,6 +72,9 @@ class _Step:
     cond_out: torch.Tensor | None = None
     pert_out: torch.Tensor | None = None
     plain_out: torch.Tensor | None = None
+    plain_scale: float | None = None  # colorize: the plain rows are the uncond rows, which CFG weighs with this
+    style_reuse: bool = False  # style: the references were captured and the host's uncond rows run the guided pass
+    style_first: tuple | None = None  # style: (latent leaf, loss) of that first guided forward
     style_in: dict | None = None  # style: per image x, sigma, conditioning of the feature passes
     edit: bool = False  # the edit mask builds and blends at this step
     yoda: tuple | None = None  # masked upscaling: (model call, calls in the pass)
@@ -216,6 +219,7 @@ class A1111Session(Session):
             if self.plan.style.checkpoint:
                 for block in style.blocks(unet):
                     self.patches.wrap_forward(block, style.checkpointed(self.recorder))
+            self.patches.wrap_forward(unet, self._style_unet)
         if self.plan.edit is not None and self.edit is not None:
             self.edit.plan = self.plan.edit
             for key_ in self.plan.edit.layers:
@@ -253,24 +257,31 @@ class A1111Session(Session):
         if edit or yoda_at is not None:
             blend_in = params.x[first].detach().clone(), params.sigma[first].detach().clone()
         style_in = self._style_inputs(params, layout) if styled else None
+        style_reuse = styled and not colorize and self._style_reuse(params, layout, den, style_in)
         groups: list[tuple[str, list[int], dict]] = []  # name, sources, row tensors
         if pag_scale > 0:
             groups.append(("pag", list(range(layout.n_images)), {}))
         capture: list[tuple[str, list[int], dict]] = []
+        plain_scale = None
         if colorize:
             if plan.colorize.needs_plain_rows:
-                groups.append(("col_plain", list(range(layout.n_images)), {}))
+                plain_scale = self._plain_in_uncond(params, layout, den)
+                if plain_scale is None:
+                    groups.append(("col_plain", list(range(layout.n_images)), {}))
             capture = self._capture_rows(params, layout, den)
-            if self._in_batch(params):
-                groups += capture
-                capture = []
+            if self._in_batch(params):  # the streams of the generation's size ride along; smaller ones go first
+                size = tuple(params.x.shape[-2:])
+                groups += [g for g in capture if tuple(g[2]["x"].shape[-2:]) == size]
+                capture = [g for g in capture if tuple(g[2]["x"].shape[-2:]) != size]
         if not groups:  # no rows to insert: a capture call, or style / edit mask only
             self._step = _Step(
                 layout.with_groups([]),
                 0.0,
                 den,
                 colorize,
+                plain_scale=plain_scale,
                 style_in=style_in,
+                style_reuse=style_reuse,
                 edit=edit,
                 yoda=yoda_at,
                 blend_in=blend_in,
@@ -299,7 +310,16 @@ class A1111Session(Session):
         new_tc = batchmod.insert_rows(tc, at, _cat_conds(rows_tc))
         params.text_cond = _like(tc, new_tc) if isinstance(tc, Mapping) else new_tc
         self._step = _Step(
-            layout, pag_scale, den, colorize, style_in=style_in, edit=edit, yoda=yoda_at, blend_in=blend_in
+            layout,
+            pag_scale,
+            den,
+            colorize,
+            plain_scale=plain_scale,
+            style_in=style_in,
+            style_reuse=style_reuse,
+            edit=edit,
+            yoda=yoda_at,
+            blend_in=blend_in,
         )
         self._cursor = 0
         if capture:
@@ -316,6 +336,8 @@ class A1111Session(Session):
             st.pert_out = x_out[pag.start : pag.stop].clone()
         if len(plain):
             st.plain_out = x_out[plain.start : plain.stop].clone()
+        elif st.plain_scale is not None:
+            st.plain_out = x_out[st.layout.uncond.start : st.layout.uncond.stop].clone()
 
     def on_cfg_after_cfg(self, params: Any) -> None:
         st, self._step = self._step, None
@@ -328,11 +350,14 @@ class A1111Session(Session):
         if st.plain_out is not None:
             # colorization guidance: plain + w*(transferred - plain) in place of the transferred cond
             w = self.plan.colorize.guidance
-            delta = delta + col.colorization_guidance(st.plain_out, st.cond_out, w) - st.cond_out
+            # the host's CFG gave uncond + s*(cond - uncond): the transferred rows' CFG, or, when the plain rows
+            # are the uncond rows, plain + s*(transferred - plain)
+            host = st.cond_out if st.plain_scale is None else col.colorization_guidance(st.plain_out, st.cond_out, st.plain_scale)
+            delta = delta + col.colorization_guidance(st.plain_out, st.cond_out, w) - host
         den = st.denoiser
         if st.style_in is not None and self.error is None:  # after a failure the generation fails anyway
             try:
-                delta = delta + self._style_delta(den, st.style_in, params.x + delta)
+                delta = delta + self._style_delta(den, st.style_in, params.x + delta, st)
             except Exception as e:  # the host would log and drop it: fail the generation with the cause
                 self.fail(style_io.error_for(e))
         nmask = getattr(den, "nmask", None)
@@ -499,37 +524,101 @@ class A1111Session(Session):
             "image_cond": ic[-n:] if has_ic else None,
         }
 
-    def _style_delta(self, den: Any, inp: dict, out: torch.Tensor) -> torch.Tensor:
-        """The change the style guidance makes to this step's prediction ``out`` (B rows; denoised for
-        k-diffusion samplers, eps for A1111's timestep samplers)."""
-        plan, si = self.plan.style, self.style
+    def _style_reuse(self, params: Any, layout: BatchLayout, den: Any, inp: dict) -> bool:
+        """Whether the host's uncond rows can be the first guided forward of this step (one UNet row per image saved):
+        the guided pass runs the latent being sampled with the negative-prompt conditioning, which is what those rows
+        are, when A1111 is sure to run them.  If so, the references are captured now, before the host's call."""
+        if _cfg_scale(den) is None or not _in_one_call(params, layout):
+            return False
+        u = slice(_rows(params.x) - layout.n_images, None)  # no rows inserted yet: the uncond rows are the last B
+        if not (torch.equal(params.x[u], inp["x"]) and torch.equal(params.sigma[u], inp["sigma"])):
+            return False
+        try:
+            self._style_capture(den, inp)
+        except Exception as e:  # the host would log and drop it: fail the generation with the cause
+            self.fail(style_io.error_for(e))
+            return False
+        return True
+
+    def _style_capture(self, den: Any, inp: dict) -> None:
+        """One capture call (no grad): the references (and the img2img content) noised to this step's level."""
+        plan, si, rec = self.plan.style, self.style, self.recorder
         x, sigma, text, ic = inp["x"], inp["sigma"], inp["text"], inp["image_cond"]
-        n = x.shape[0]
-        denoised = _to_denoised(den, x, sigma, out)
         z_ref = si.latents(self.p, _encode, x.shape, x)
         rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, self.step, plan.content_weight > 0)
-        target = denoised
-        if plan.adain:
-            target = col.adain(denoised.float(), z_ref[ref_of].float()).to(denoised.dtype)
-        unet = current_unet(den)
-        rec = self.recorder
         rec.clear()
-        # one capture call (no grad): the references (and the img2img content) noised to this level
         x_cap = _noised(den, clean, noise, sigma[owner])
         with (
-            style.builtin_checkpointing_off(unet),
+            style.builtin_checkpointing_off(current_unet(den)),
             torch.inference_mode(False),
             torch.no_grad(),
             rec.capturing(rows, ref_of),
         ):
             den.inner_model(x_cap, sigma[owner], cond=self._style_cond(text, ic, owner, x))
+
+    def _style_unet(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        """UNet forward wrapper: in a step whose guided pass reuses the host's uncond rows, those rows (the tail of
+        the call) run with grad and the style layers computing the loss; the other rows run as they are."""
+        st, call = self._step, self._call
+        if st is None or call is None or not st.style_reuse or st.style_first is not None or self._prepass is not None:
+            return call_next(*args, **kwargs)
+        start, n = call
+        u = st.layout.uncond
+        if u.stop != start + n or u.start < start:  # not the whole uncond span at the end of this call
+            return call_next(*args, **kwargs)
+        a = u.start - start
+        head = self._sub_call(call_next, args, kwargs, n, 0, a) if a > 0 else None
+        saved = self._call
+        self._call = (start + a, n - a)
+        sub_args, sub_kwargs = _slice_args(args, n, a, n), _slice_kwargs(kwargs, n, a, n)
+        x, rec, latent = sub_args[0], self.recorder, st.style_in["x"]
+        c_in = _unet_input_scale(st.denoiser, st.style_in["sigma"], latent)
+        try:
+            with style.grad_enabled():
+                # the leaf is the latent itself (as in the separate guided forward); the UNet sees it scaled
+                z = style.leaf(latent)
+                x_in = z.to(latent.dtype) * c_in
+                if not torch.equal(x_in.detach(), x):  # not the host's input after all: a forward of its own later
+                    self._call = saved
+                    tail = self._sub_call(call_next, args, kwargs, n, a, n)
+                    return tail if head is None else torch.cat([head, tail.to(head.dtype)])
+                rec.terms = []
+                with style.builtin_checkpointing_off(module), style.normal_weights(module), rec.guided():
+                    tail = call_next(x_in.to(x.dtype), *sub_args[1:], **sub_kwargs)
+                loss = rec.loss()
+                rec.terms = []
+        except Exception as e:
+            raise style_io.error_for(e) from e
+        finally:
+            self._call = saved
+        if loss is None:
+            raise RuntimeError("Attention Toolkit: the style layers were not reached by the model call")
+        st.style_first = (z, loss)
+        tail = tail.detach()
+        return tail if head is None else torch.cat([head, tail.to(head.dtype)])
+
+    def _style_delta(self, den: Any, inp: dict, out: torch.Tensor, st: _Step) -> torch.Tensor:
+        """The change the style guidance makes to this step's prediction ``out`` (B rows; denoised for
+        k-diffusion samplers, eps for A1111's timestep samplers).  The AD gradient is taken at the latent being
+        sampled (classifier-guidance style); its displacement is added to the (AdaIN-matched) prediction."""
+        plan, si = self.plan.style, self.style
+        x, sigma, text, ic = inp["x"], inp["sigma"], inp["text"], inp["image_cond"]
+        n = x.shape[0]
+        denoised = _to_denoised(den, x, sigma, out)
+        target = denoised
+        if plan.adain:
+            z_ref = si.latents(self.p, _encode, x.shape, x)
+            target = col.adain(denoised.float(), z_ref[si.ref_index(n)].float()).to(denoised.dtype)
+        if not st.style_reuse:
+            self._style_capture(den, inp)
+        unet = current_unet(den)
+        rec = self.recorder
         cond = self._style_cond(text, ic, list(range(n)), x)
-        # the inner steps start from the latent of the (AdaIN-matched) prediction at this noise level
         c = _x_per_denoised(den, sigma, x)
-        start = x + c * (target - denoised)
+        first, st.style_first = st.style_first, None
         with style.builtin_checkpointing_off(unet), style.normal_weights(unet):
             disp, losses = style.guided_displacement(
-                lambda z: den.inner_model(z, sigma, cond=cond), rec, start, plan.strength, plan.iters
+                lambda z: den.inner_model(z, sigma, cond=cond), rec, x, plan.strength, plan.iters, first=first
             )
         rec.clear()
         self.style_losses.append(losses)
@@ -553,6 +642,29 @@ class A1111Session(Session):
         if tc is None or uc is None:
             return False
         return tc.shape[1] == uc.shape[1] or bool(getattr(shared.opts, "pad_cond_uncond", False))
+
+    def _plain_in_uncond(self, params: Any, layout: BatchLayout, den: Any) -> float | None:
+        """Whether the uncond rows can be the colorization guidance's plain rows (one row per image saved): when
+        CFG weighs the uncond rows out (scale 1; their conditioning then becomes the cond's) or they carry the
+        same conditioning as the cond rows (empty prompt and negative prompt), so a non-transferred uncond row is
+        the plain cond row.  Returns the scale CFG applies (the guidance corrects for it), or None: AND prompts,
+        A1111 skipping uncond rows at some steps, or a scale that cannot be read."""
+        if layout.n_cond != layout.n_images:
+            return None
+        scale = _cfg_scale(den)
+        if scale is None:
+            return None
+        ic = params.image_cond
+        if isinstance(ic, torch.Tensor) and _rows(ic) == layout.total:  # unCLIP: the uncond rows' is zeros
+            if not torch.equal(ic[list(layout.first_cond)], ic[layout.uncond.start : layout.uncond.stop]):
+                return None
+        tc, uc = params.text_cond, params.text_uncond
+        if _same_cond(tc, uc):
+            return scale
+        if scale != 1.0:
+            return None
+        params.text_uncond = tc  # scale 1: the uncond rows' result is not used by CFG; they become plain cond rows
+        return scale
 
     def _capture_rows(self, params: Any, layout: BatchLayout, den: Any) -> list[tuple[str, list[int], dict]]:
         """The capture streams at this step: input (gray), colour reference, gray reference, noised to
@@ -579,12 +691,17 @@ class A1111Session(Session):
                 "text": batchmod.take_rows(params.text_cond, at),
             }
             if has_ic:
-                given["image_cond"] = ic[at]
+                given["image_cond"] = col.resize_spatial(ic[at], tuple(z.shape[-2:]))
             out.append((name, src, given))
         return out
 
     def _run_prepass(self, den: Any, capture: list, text_uncond: Any) -> None:
-        """One extra model call on the capture rows when the step's rows are not run in one call."""
+        """Extra model calls on the capture rows that do not ride in the step's call, one per latent size."""
+        sizes = dict.fromkeys(tuple(g["x"].shape[-2:]) for _, _, g in capture)
+        for size in sizes:
+            self._prepass_call(den, [c for c in capture if tuple(c[2]["x"].shape[-2:]) == size], text_uncond)
+
+    def _prepass_call(self, den: Any, capture: list, text_uncond: Any) -> None:
         layout = BatchLayout(0, 0, (), (), tuple((name, tuple(src)) for name, src, _ in capture))
         x = torch.cat([g["x"] for _, _, g in capture])
         sigma = torch.cat([g["sigma"] for _, _, g in capture])
@@ -633,7 +750,7 @@ class A1111Session(Session):
             if self._prepass is not None:
                 return call_next(*args, **kwargs)
             # transferred rows: cond, PAG and uncond rows; the plain and capture rows keep plain attention
-            owners = [self._owner(layout, call[0] + j) for j in range(n)]
+            owners = [self._owner(layout, call[0] + j, st.plain_scale is not None) for j in range(n)]
             rows = [j for j, i in enumerate(owners) if i is not None]
             if not rows:
                 return call_next(*args, **kwargs)
@@ -676,8 +793,11 @@ class A1111Session(Session):
             self._call = saved
 
     @staticmethod
-    def _owner(layout: BatchLayout, row: int) -> int | None:
-        """The image whose colours a row takes: cond, uncond and PAG rows; None for plain and capture rows."""
+    def _owner(layout: BatchLayout, row: int, plain_uncond: bool = False) -> int | None:
+        """The image whose colours a row takes: cond, uncond (unless they are the plain rows) and PAG rows; None
+        for plain and capture rows."""
+        if plain_uncond and row in layout.uncond:
+            return None
         i = layout.image_of_row(row)
         pag = layout.group("pag")
         if i is None and row in pag:
@@ -765,6 +885,32 @@ class A1111Session(Session):
         return _put_rows(out, list(range(a, b)), identity_attention(module, args[0][a:b]).to(out.dtype))
 
 
+def _in_one_call(params: Any, layout: BatchLayout) -> bool:
+    """Whether A1111 runs the uncond rows of this step together in one model call (the tail of it)."""
+    if getattr(shared.opts, "batch_cond_uncond", True):
+        return True
+    # chunks of B rows from the first: the uncond rows (the last B) are one chunk when the rows before are whole chunks
+    return (layout.total - layout.n_images) % layout.n_images == 0
+
+
+def _cfg_scale(den: Any) -> float | None:
+    """The scale A1111's CFG applies to this sampling call's uncond rows, or None when it cannot be read or A1111
+    may skip the uncond rows at some steps (negative guidance minimum sigma, skip early CFG): then they are not
+    sure to be run, and nothing may rely on them."""
+    extra = getattr(getattr(den, "sampler", None), "sampler_extra_args", None) or {}
+    scale = extra.get("cond_scale")
+    if not isinstance(scale, (int, float)) or extra.get("s_min_uncond", 0) or getattr(shared.opts, "skip_early_cond", 0):
+        return None
+    return float(scale) * float(getattr(den, "cond_scale_miltiplier", 1.0))
+
+
+def _same_cond(a: Any, b: Any) -> bool:
+    """The same text conditioning, row for row (tensors, or SDXL's dicts of tensors)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_cond(a[k], b[k]) for k in a)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+
+
 def _put_rows(out: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor:
     out = out.clone()
     out[rows] = values
@@ -813,6 +959,14 @@ def _alpha(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     inner = getattr(den, "inner_model", None)
     model = getattr(inner, "inner_model", None) or shared.sd_model
     return model.alphas_cumprod.to(like.device)[sigma.long()].view(-1, 1, 1, 1).to(like)
+
+
+def _unet_input_scale(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    """What the latent is multiplied by on its way into the UNet: k-diffusion's ``c_in`` (the last of its denoiser's
+    scalings, eps and v models alike), 1 for the timestep samplers."""
+    if _is_kdiffusion(den):
+        return den.inner_model.get_scalings(sigma)[-1].view(-1, 1, 1, 1).to(like)
+    return 1.0
 
 
 def _x_per_denoised(den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:

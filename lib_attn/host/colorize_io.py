@@ -48,6 +48,7 @@ class ColorizeInputs:
     noise_in: torch.Tensor | None = None
     noise_ref: torch.Tensor | None = None
     full_resolution: bool = True
+    reference_scale: float = 1.0
 
     @classmethod
     def prepare(cls, p: Any, settings: Settings) -> ColorizeInputs:
@@ -67,7 +68,14 @@ class ColorizeInputs:
         originals = [im.convert("RGB") for im in inits]
         p.init_images = [color.tensor_to_pil(color.luminance_only(color.pil_to_tensor(im))) for im in originals]
         full = getattr(p, "image_mask", None) is None and int(getattr(p, "resize_mode", 0) or 0) == 0
-        return cls(originals, list(c.reference), c.adain, c.match_colors, full_resolution=full)
+        return cls(
+            originals,
+            list(c.reference),
+            c.adain,
+            c.match_colors,
+            full_resolution=full,
+            reference_scale=c.reference_scale,
+        )
 
     def ref_index(self, n_images: int) -> list[int]:
         return [0] * n_images if len(self.references) == 1 else list(range(n_images))
@@ -77,7 +85,8 @@ class ColorizeInputs:
         p.color_corrections = None  # img2img colour correction would pull the colours back to the gray input
         if self.z_in is None:
             self.z_in = p.init_latent.detach().clone()
-            size = (int(p.width), int(p.height))
+            h, w = (col.reference_side(int(s), self.reference_scale) for s in self.z_in.shape[-2:])
+            size = (w * 8, h * 8)  # the reference streams' size (smaller than the generation's below scale 1)
             refs = [r.resize(size, Image.Resampling.LANCZOS) for r in self.references]
             grays = [r.convert("L").convert("RGB") for r in refs]
             self.z_ref = encode(p, torch.stack([color.pil_to_tensor(r) for r in refs]).float()).detach()

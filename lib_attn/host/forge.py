@@ -382,11 +382,11 @@ class ForgeSession(Session):
         rec.clear()
         with torch.inference_mode(False), torch.no_grad(), rec.capturing(rows, ref_of):
             calc(model, conds, None, x_cap, sigma[owner], options)
-        with torch.inference_mode(False):
-            start = x + (target - d)  # the latent of the (AdaIN-matched) prediction at this noise level
+        # the AD gradient at the latent being sampled (classifier-guidance style); the displacement moves the
+        # (AdaIN-matched) prediction
         with style.normal_weights(unet), style.snapshot_saved_tensors(unet):
             disp, losses = style.guided_displacement(
-                lambda z: calc(model, conds, None, z, sigma, options), rec, start, plan.strength, plan.iters
+                lambda z: calc(model, conds, None, z, sigma, options), rec, x, plan.strength, plan.iters
             )
         rec.clear()
         self.style_losses.append(losses)
@@ -424,26 +424,37 @@ class ForgeSession(Session):
         return apply_model(x, t, **c2)
 
     def _capture(self, apply_model: Any, x: Any, t: Any, c: dict, n_images: int) -> None:
+        """One capture call per latent size: the input stream at the generation's, the reference streams at
+        theirs (the same call when ``reference_scale`` is 1)."""
         ci = self.colorize
         ref_of = ci.ref_index(n_images)
         refs = sorted(set(ref_of))
-        owners = list(range(n_images)) + [ref_of.index(r) for r in refs] * 2
-        rows = [o % x.shape[0] for o in owners]
-        sigma = t[rows]
-        view = (-1, 1, 1, 1)
-        z = torch.cat([ci.z_in, ci.z_ref[refs], ci.z_refg[refs]]).to(x)
-        noise = torch.cat([ci.noise_in, ci.noise_ref[refs], ci.noise_ref[refs]]).to(x)
-        x_cap = z + noise * sigma.view(view).to(x)
-        c_cap = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == x.shape[0] else v) for k, v in c.items()}
-        groups = [("col_in", list(range(n_images))), ("col_ref", refs), ("col_refg", refs)]
-        c_cap["transformer_options"] = {
-            **c.get("transformer_options", {}),
-            _MODE: "capture",
-            "attn_toolkit_groups": groups,
-            "cond_or_uncond": [0],
-        }
+        ref_owners = [ref_of.index(r) for r in refs]
+        streams = [
+            ("col_in", list(range(n_images)), list(range(n_images)), ci.z_in, ci.noise_in),
+            ("col_ref", refs, ref_owners, ci.z_ref[refs], ci.noise_ref[refs]),
+            ("col_refg", refs, ref_owners, ci.z_refg[refs], ci.noise_ref[refs]),
+        ]
         self._feats = {}
-        apply_model(x_cap, sigma, **c_cap)
+        for size in dict.fromkeys(tuple(z.shape[-2:]) for *_, z, _ in streams):
+            part = [st for st in streams if tuple(st[3].shape[-2:]) == size]
+            owners = [o for _, _, own, _, _ in part for o in own]
+            rows = [o % x.shape[0] for o in owners]
+            sigma = t[rows]
+            z = torch.cat([st[3] for st in part]).to(x)
+            noise = torch.cat([st[4] for st in part]).to(x)
+            x_cap = z + noise * sigma.view(-1, 1, 1, 1).to(x)
+            c_cap = {
+                k: (col.resize_spatial(v[rows], size) if isinstance(v, torch.Tensor) and v.shape[0] == x.shape[0] else v)
+                for k, v in c.items()
+            }
+            c_cap["transformer_options"] = {
+                **c.get("transformer_options", {}),
+                _MODE: "capture",
+                "attn_toolkit_groups": [(name, src) for name, src, *_ in part],
+                "cond_or_uncond": [0],
+            }
+            apply_model(x_cap, sigma, **c_cap)
 
     def _colorize_patch(self, q: Any, k: Any, v: Any, extra_options: dict) -> Any:
         """attn1 replace patch on the colorization layers (q, k, v projected: (rows, N, C))."""

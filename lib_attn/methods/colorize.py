@@ -102,6 +102,23 @@ def dual_attention(
     return merge_heads(out)
 
 
+def reference_side(side: int, scale: float, multiple: int = 8) -> int:
+    """Latent side of the reference streams for a generation latent side ``side``: ``side * scale`` rounded to a
+    multiple of ``multiple`` latent pixels (the UNet's three downsamplings need it), at least ``multiple``, never
+    above ``side``; ``scale >= 1`` keeps ``side`` itself."""
+    if scale >= 1 or side <= multiple:
+        return side
+    return min(side, max(multiple, round(side * scale / multiple) * multiple))
+
+
+def resize_spatial(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """A per-row spatial conditioning tensor (rows, C, h, w) brought to ``size``; (rows, C, 1, 1) and
+    non-spatial tensors are returned as they are (A1111's placeholder image conditioning)."""
+    if t.ndim != 4 or tuple(t.shape[-2:]) == tuple(size) or t.shape[-2:] == (1, 1):
+        return t
+    return F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False).to(t.dtype)
+
+
 def colorization_guidance(plain: Tensor, transferred: Tensor, scale: float) -> Tensor:
     """``nc + w * (ct - nc)``; equal to ``transferred`` at ``w = 1``."""
     return plain + (transferred - plain) * scale

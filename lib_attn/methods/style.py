@@ -248,22 +248,37 @@ def self_attention_wrapper(recorder: Recorder, layer: object) -> Callable[..., o
     return wrapper
 
 
+def leaf(x: Tensor) -> Tensor:
+    """The latent the inner steps optimize: a detached copy of ``x``, at least float32, requiring grad."""
+    return x.detach().clone().to(torch.promote_types(x.dtype, torch.float32)).requires_grad_(True)
+
+
 def guided_displacement(
-    forward: Callable[[Tensor], object], recorder: Recorder, x: Tensor, lr: float, iters: int
+    forward: Callable[[Tensor], object],
+    recorder: Recorder,
+    x: Tensor,
+    lr: float,
+    iters: int,
+    first: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, list[float]]:
     """Run ``iters`` Adam steps of lr ``lr`` on a copy of ``x`` against ``recorder``'s loss; ``forward(z)`` runs the
-    model on ``z`` with the recorder in ``"guided"`` mode.  Returns ``(z - x, losses)`` with the displacement
-    detached and the graph freed; grad mode and the recorder's mode are restored."""
+    model on ``z`` with the recorder in ``"guided"`` mode.  ``first``: ``(z, loss)`` of a first forward already run
+    (the host's own call on ``x``, with ``z`` the float32 leaf it ran on), used as the first iteration's.  Returns
+    ``(z - x, losses)`` with the displacement detached and the graph freed; grad mode and the recorder's mode are
+    restored."""
     losses: list[float] = []
     with grad_enabled():
-        z = x.detach().clone().float().requires_grad_(True)
+        z = first[0] if first is not None else leaf(x)
         opt = torch.optim.Adam([z], lr=lr)
-        for _ in range(iters):
+        for i in range(iters):
             opt.zero_grad(set_to_none=True)
-            recorder.terms = []
-            with recorder.guided():
-                forward(z.to(x.dtype))
-            loss = recorder.loss()
+            if i == 0 and first is not None:
+                loss = first[1]
+            else:
+                recorder.terms = []
+                with recorder.guided():
+                    forward(z.to(x.dtype))
+                loss = recorder.loss()
             if loss is None:
                 raise RuntimeError("Attention Toolkit: the style layers were not reached by the model call")
             # the gradient of the latent only: nothing accumulates on the model's parameters
@@ -274,6 +289,7 @@ def guided_displacement(
             del loss, grad
             opt.step()
         delta = (z.detach() - x.detach().float()).to(x.dtype)
+    first = None
     return delta, losses
 
 

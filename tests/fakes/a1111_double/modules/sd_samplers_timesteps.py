@@ -55,7 +55,7 @@ class CompVisSampler(sd_samplers_common.Sampler):
 
     def _extra(self, p, c, uc, image_conditioning):
         self.sampler_extra_args = {"cond": c, "image_cond": image_conditioning, "uncond": uc,
-                                   "cond_scale": p.cfg_scale, "s_min_uncond": 0.0}
+                                   "cond_scale": p.cfg_scale, "s_min_uncond": getattr(p, "s_min_uncond", 0.0)}
         return self.sampler_extra_args
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
