@@ -219,7 +219,12 @@ def test_reference_colorization_in_img2img():
     mse = float(np.mean((lab_in[0] - lab_out[0]) ** 2))
     assert 10 * np.log10(100.0**2 / max(mse, 1e-12)) >= 45.0  # the input's lightness is kept
     assert np.abs(lab_out[1:]).mean() > 1.0  # and it has colour
-    assert "Colorize guidance: 10" in infotext(body)
+    assert "Colorize guidance: 10" in infotext(body) and "Colorize reference scale: 0.5" in infotext(body)
+    # full-size reference streams and CFG 1 with an empty prompt (the uncond rows as the plain rows on A1111)
+    full = {**payload, "prompt": "", "negative_prompt": "", "cfg_scale": 1, "alwayson_scripts": {TITLE: {"args": [
+        {"colorize": {"reference": encode(_photo("lion.jpg")), "reference_scale": 1}}]}}}
+    body = ok(call("/sdapi/v1/img2img", full))
+    assert "Colorize reference scale: 1" in infotext(body)
     bad = {**payload, "alwayson_scripts": {TITLE: {"args": [{"colorize": {"reference": "not base64!"}}]}}}
     status, err = call("/sdapi/v1/img2img", bad)
     assert status >= 400 and "(colorize.reference)" in json.dumps(err)
@@ -235,7 +240,7 @@ def test_style_reference():
     style = {"reference": "data:image/png;base64," + encode(_photo("lion.jpg", (96, 96))), "iters": 1}
     body = ok(txt2img([{"style": style}]))
     assert not np.array_equal(pixels(body["images"][0]), plain)
-    assert "Style strength: 0.1" in infotext(body) and "Style iters: 1" in infotext(body)
+    assert "Style strength: 0.2" in infotext(body) and "Style iters: 1" in infotext(body)
     assert np.array_equal(pixels(ok(txt2img())["images"][0]), plain)
     init = encode(_photo("cheetah1.jpg", (SIZE, SIZE)))
     i2i = {**BASE, "init_images": [init], "denoising_strength": 0.6}

@@ -150,7 +150,8 @@ def bench_colorize(args: argparse.Namespace) -> float:
             plain_t.append(timed(off))
             col_t.append(timed(on))
     print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, CFG 1, "
-          f"torch threads {torch.get_num_threads()}; guidance 10, so 2B + 1 + 1 extra rows per step)")
+          f"torch threads {torch.get_num_threads()}; guidance 10, empty prompt: the uncond rows are the plain rows, the "
+          f"reference streams at the default half side)")
     ratios = {}
     for i, clock in enumerate(("cpu", "wall")):
         a = statistics.median(t[i] for t in plain_t)
