@@ -336,6 +336,24 @@ def test_uncond_rows_serve_as_plain_rows_where_cfg_allows(h64, extra, rows):
     assert calls[:2] == [2, rows]
 
 
+def test_uncond_rows_with_their_own_image_conditioning_are_not_the_plain_rows(h64):
+    """unCLIP models give the uncond rows zero image conditioning: they are not plain cond rows then, even at CFG 1."""
+
+    def zero_uncond_image_cond(params):
+        ic = params.image_cond.clone()
+        ic[-params.text_uncond.shape[0]:] += 1.0
+        params.image_cond = ic
+
+    cb = h64.modules.script_callbacks
+    cb.on_cfg_denoiser(zero_uncond_image_cond)
+    try:
+        calls, _ = _calls(h64, **{**BASE, "cfg_scale": 1.0}, init_images=[small("cheetah2.jpg")],
+                          script_args=col_args(photo("cheetah1.jpg")))
+    finally:
+        cb.remove_callbacks_for_function(zero_uncond_image_cond)
+    assert calls[:2] == [2, 4]  # cond + plain + input + uncond
+
+
 def test_batch_rows_do_not_mix_references(h64):
     init = small("cheetah2.jpg")
     refs = [photo("lion.jpg"), photo("cheetah1.jpg")]

@@ -441,7 +441,7 @@ def test_host_uncond_rows_are_the_first_guided_forward(extra, pag):
     # the same computation in other batches: float64 rounding, which Adam's g / (|g| + eps) magnifies where a
     # gradient entry is near eps (a first step moves every entry by about the learning rate, whatever its size)
     assert (reused - separate).abs().max() < 1e-6
-    assert max(abs(a - b) for x, y in zip(losses_reused, losses_separate, strict=True) for a, b in zip(x, y)) < 1e-9
+    assert max(abs(a - b) for x, y in zip(losses_reused, losses_separate, strict=True) for a, b in zip(x, y, strict=True)) < 1e-9
 
 
 def test_failures_leave_grad_mode_hooks_and_caches_as_they_were():

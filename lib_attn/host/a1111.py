@@ -273,23 +273,29 @@ class A1111Session(Session):
                 size = tuple(params.x.shape[-2:])
                 groups += [g for g in capture if tuple(g[2]["x"].shape[-2:]) == size]
                 capture = [g for g in capture if tuple(g[2]["x"].shape[-2:]) != size]
-        if not groups:  # no rows to insert: a capture call, or style / edit mask only
-            self._step = _Step(
-                layout.with_groups([]),
-                0.0,
-                den,
-                colorize,
-                plain_scale=plain_scale,
-                style_in=style_in,
-                style_reuse=style_reuse,
-                edit=edit,
-                yoda=yoda_at,
-                blend_in=blend_in,
-            )
-            self._cursor = 0
-            if capture:
-                self._run_prepass(den, capture, params.text_uncond)
-            return
+        # no rows to insert (a capture call of its own, or style / edit mask only): the layout has no groups
+        layout = self._insert_rows(params, layout, groups) if groups else layout.with_groups([])
+        self._step = _Step(
+            layout,
+            pag_scale,
+            den,
+            colorize,
+            plain_scale=plain_scale,
+            style_in=style_in,
+            style_reuse=style_reuse,
+            edit=edit,
+            yoda=yoda_at,
+            blend_in=blend_in,
+        )
+        self._cursor = 0
+        if capture:
+            self._run_prepass(den, capture, params.text_uncond)
+
+    @staticmethod
+    def _insert_rows(params: Any, layout: BatchLayout, groups: list[tuple[str, list[int], dict]]) -> BatchLayout:
+        """Insert the groups' rows (copies of each source image's first cond row unless a group gives its own x,
+        sigma, image or text conditioning) between the cond and the uncond rows; the layout after insertion."""
+        first = list(layout.first_cond)
         rows_x, rows_sigma, rows_ic, rows_tc = [], [], [], []
         ic = params.image_cond
         has_ic = isinstance(ic, torch.Tensor) and _rows(ic) == layout.n_cond + layout.n_images
@@ -309,21 +315,7 @@ class A1111Session(Session):
         tc = params.text_cond
         new_tc = batchmod.insert_rows(tc, at, _cat_conds(rows_tc))
         params.text_cond = _like(tc, new_tc) if isinstance(tc, Mapping) else new_tc
-        self._step = _Step(
-            layout,
-            pag_scale,
-            den,
-            colorize,
-            plain_scale=plain_scale,
-            style_in=style_in,
-            style_reuse=style_reuse,
-            edit=edit,
-            yoda=yoda_at,
-            blend_in=blend_in,
-        )
-        self._cursor = 0
-        if capture:
-            self._run_prepass(den, capture, params.text_uncond)
+        return layout
 
     def on_cfg_denoised(self, params: Any) -> None:
         st = self._step
@@ -352,7 +344,11 @@ class A1111Session(Session):
             w = self.plan.colorize.guidance
             # the host's CFG gave uncond + s*(cond - uncond): the transferred rows' CFG, or, when the plain rows
             # are the uncond rows, plain + s*(transferred - plain)
-            host = st.cond_out if st.plain_scale is None else col.colorization_guidance(st.plain_out, st.cond_out, st.plain_scale)
+            host = (
+                st.cond_out
+                if st.plain_scale is None
+                else col.colorization_guidance(st.plain_out, st.cond_out, st.plain_scale)
+            )
             delta = delta + col.colorization_guidance(st.plain_out, st.cond_out, w) - host
         den = st.denoiser
         if st.style_in is not None and self.error is None:  # after a failure the generation fails anyway
@@ -654,10 +650,10 @@ class A1111Session(Session):
         scale = _cfg_scale(den)
         if scale is None:
             return None
-        ic = params.image_cond
-        if isinstance(ic, torch.Tensor) and _rows(ic) == layout.total:  # unCLIP: the uncond rows' is zeros
-            if not torch.equal(ic[list(layout.first_cond)], ic[layout.uncond.start : layout.uncond.stop]):
-                return None
+        ic, n = params.image_cond, layout.n_images  # no rows inserted yet: the uncond rows are the last B
+        has_ic = isinstance(ic, torch.Tensor) and _rows(ic) == layout.n_cond + n
+        if has_ic and not torch.equal(ic[list(layout.first_cond)], ic[-n:]):  # unCLIP: the uncond rows' is zeros
+            return None
         tc, uc = params.text_cond, params.text_uncond
         if _same_cond(tc, uc):
             return scale
@@ -899,7 +895,11 @@ def _cfg_scale(den: Any) -> float | None:
     sure to be run, and nothing may rely on them."""
     extra = getattr(getattr(den, "sampler", None), "sampler_extra_args", None) or {}
     scale = extra.get("cond_scale")
-    if not isinstance(scale, (int, float)) or extra.get("s_min_uncond", 0) or getattr(shared.opts, "skip_early_cond", 0):
+    if (
+        not isinstance(scale, (int, float))
+        or extra.get("s_min_uncond", 0)
+        or getattr(shared.opts, "skip_early_cond", 0)
+    ):
         return None
     return float(scale) * float(getattr(den, "cond_scale_miltiplier", 1.0))
 

@@ -445,7 +445,9 @@ class ForgeSession(Session):
             noise = torch.cat([st[4] for st in part]).to(x)
             x_cap = z + noise * sigma.view(-1, 1, 1, 1).to(x)
             c_cap = {
-                k: (col.resize_spatial(v[rows], size) if isinstance(v, torch.Tensor) and v.shape[0] == x.shape[0] else v)
+                k: (
+                    col.resize_spatial(v[rows], size) if isinstance(v, torch.Tensor) and v.shape[0] == x.shape[0] else v
+                )
                 for k, v in c.items()
             }
             c_cap["transformer_options"] = {
