@@ -444,6 +444,33 @@ def test_host_uncond_rows_are_the_first_guided_forward(extra, pag):
     assert max(abs(a - b) for x, y in zip(losses_reused, losses_separate, strict=True) for a, b in zip(x, y, strict=True)) < 1e-9
 
 
+def test_an_inpainting_model_runs_its_own_guided_forward():
+    """An inpainting checkpoint's UNet sees the latent with the mask and masked image concatenated: the uncond rows'
+    input is not the guided pass's, so the guided forward runs on its own (nothing shared, nothing wrong)."""
+    from tests.support.tiny import make_sd_model
+
+    ref = photo("cheetah1.jpg")
+    models = {"inpaint": lambda: make_sd_model("sd1", inpainting=True)}
+    kw = dict(BASE, init_images=[small("lion.jpg")], denoising_strength=0.7, steps=3)
+    with a1111_host("sd1", dtype=torch.float64, models=models) as h, sessions() as seen:
+        sd_models = h.modules.sd_models
+        sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("inpaint"))
+        h.load_script(SCRIPT)
+        unet = h.modules.shared.sd_model.model.diffusion_model
+        assert unet.input_blocks[0][0].in_channels == 9
+        rows: list[int] = []
+        handle = unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+        try:
+            out = h.img2img(**kw, script_args=style_args(ref)).samples
+        finally:
+            handle.remove()
+        assert not h.errors
+        assert len(seen[-1].style_losses) == 3
+        assert_no_leftovers(h)
+    # per step: the capture call (style image + content image), the WebUI's 2 rows, the guided forward's own row
+    assert rows == [2, 2, 1] * 3 and torch.isfinite(out).all()
+
+
 def test_failures_leave_grad_mode_hooks_and_caches_as_they_were():
     ref = photo("cheetah1.jpg")
     with a1111_host("sd1") as h, sessions() as seen:

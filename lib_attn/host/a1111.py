@@ -569,15 +569,18 @@ class A1111Session(Session):
         sub_args, sub_kwargs = _slice_args(args, n, a, n), _slice_kwargs(kwargs, n, a, n)
         x, rec, latent = sub_args[0], self.recorder, st.style_in["x"]
         c_in = _unet_input_scale(st.denoiser, st.style_in["sigma"], latent)
+        probe = latent * c_in
+        # not the host's input after all (an inpainting model's concatenated channels): a forward of its own later;
+        # the dtype may differ (A1111's upcast sampling casts the input to the UNet's dtype first)
+        if probe.shape != x.shape or not torch.equal(probe.to(x.dtype), x):
+            self._call = saved
+            tail = self._sub_call(call_next, args, kwargs, n, a, n)
+            return tail if head is None else torch.cat([head, tail.to(head.dtype)])
         try:
             with style.grad_enabled():
                 # the leaf is the latent itself (as in the separate guided forward); the UNet sees it scaled
                 z = style.leaf(latent)
                 x_in = z.to(latent.dtype) * c_in
-                if not torch.equal(x_in.detach(), x):  # not the host's input after all: a forward of its own later
-                    self._call = saved
-                    tail = self._sub_call(call_next, args, kwargs, n, a, n)
-                    return tail if head is None else torch.cat([head, tail.to(head.dtype)])
                 rec.terms = []
                 with style.builtin_checkpointing_off(module), style.normal_weights(module), rec.guided():
                     tail = call_next(x_in.to(x.dtype), *sub_args[1:], **sub_kwargs)
