@@ -291,15 +291,19 @@ def test_colorized_sampling_equals_an_independent_computation(h64, w, strength, 
     assert (out.samples - plain).abs().max() > 1e-3  # the transfer changed the result
 
 
-def _calls(h, **kw):
-    """Rows of each UNet call of one img2img run, and its samples."""
+def _calls(h, own_callbacks=False, **kw):
+    """Rows of each UNet call of one img2img run, and its samples; nothing of the extension is left after it
+    (checked by the caller when it has callbacks of its own registered)."""
     unet = h.modules.shared.sd_model.model.diffusion_model
     seen: list[int] = []
     handle = unet.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
-        return seen, h.img2img(**kw).samples
+        samples = h.img2img(**kw).samples
     finally:
         handle.remove()
+    if not own_callbacks:
+        assert_no_leftovers(h)
+    return seen, samples
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -347,10 +351,11 @@ def test_uncond_rows_with_their_own_image_conditioning_are_not_the_plain_rows(h6
     cb = h64.modules.script_callbacks
     cb.on_cfg_denoiser(zero_uncond_image_cond)
     try:
-        calls, _ = _calls(h64, **{**BASE, "cfg_scale": 1.0}, init_images=[small("cheetah2.jpg")],
+        calls, _ = _calls(h64, own_callbacks=True, **{**BASE, "cfg_scale": 1.0}, init_images=[small("cheetah2.jpg")],
                           script_args=col_args(photo("cheetah1.jpg")))
     finally:
         cb.remove_callbacks_for_function(zero_uncond_image_cond)
+    assert_no_leftovers(h64)
     assert calls[:2] == [2, 4]  # cond + plain + input + uncond
 
 

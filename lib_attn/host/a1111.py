@@ -524,7 +524,7 @@ class A1111Session(Session):
         """Whether the host's uncond rows can be the first guided forward of this step (one UNet row per image saved):
         the guided pass runs the latent being sampled with the negative-prompt conditioning, which is what those rows
         are, when A1111 is sure to run them.  If so, the references are captured now, before the host's call."""
-        if _cfg_scale(den) is None or not _in_one_call(params, layout):
+        if _cfg_scale(den) is None or not _in_one_call(layout):
             return False
         u = slice(_rows(params.x) - layout.n_images, None)  # no rows inserted yet: the uncond rows are the last B
         if not (torch.equal(params.x[u], inp["x"]) and torch.equal(params.sigma[u], inp["sigma"])):
@@ -563,19 +563,18 @@ class A1111Session(Session):
         if u.stop != start + n or u.start < start:  # not the whole uncond span at the end of this call
             return call_next(*args, **kwargs)
         a = u.start - start
-        head = self._sub_call(call_next, args, kwargs, n, 0, a) if a > 0 else None
-        saved = self._call
-        self._call = (start + a, n - a)
         sub_args, sub_kwargs = _slice_args(args, n, a, n), _slice_kwargs(kwargs, n, a, n)
         x, rec, latent = sub_args[0], self.recorder, st.style_in["x"]
         c_in = _unet_input_scale(st.denoiser, st.style_in["sigma"], latent)
         probe = latent * c_in
-        # not the host's input after all (an inpainting model's concatenated channels): a forward of its own later;
-        # the dtype may differ (A1111's upcast sampling casts the input to the UNet's dtype first)
+        # not the host's input after all (an inpainting model's concatenated channels): the call runs as it is and
+        # the guided forward runs on its own later; the dtype may differ (A1111's upcast sampling casts the input
+        # to the UNet's dtype first)
         if probe.shape != x.shape or not torch.equal(probe.to(x.dtype), x):
-            self._call = saved
-            tail = self._sub_call(call_next, args, kwargs, n, a, n)
-            return tail if head is None else torch.cat([head, tail.to(head.dtype)])
+            return call_next(*args, **kwargs)
+        head = self._sub_call(call_next, args, kwargs, n, 0, a) if a > 0 else None
+        saved = self._call
+        self._call = (start + a, n - a)
         try:
             with style.grad_enabled():
                 # the leaf is the latent itself (as in the separate guided forward); the UNet sees it scaled
@@ -884,12 +883,13 @@ class A1111Session(Session):
         return _put_rows(out, list(range(a, b)), identity_attention(module, args[0][a:b]).to(out.dtype))
 
 
-def _in_one_call(params: Any, layout: BatchLayout) -> bool:
+def _in_one_call(layout: BatchLayout) -> bool:
     """Whether A1111 runs the uncond rows of this step together in one model call (the tail of it)."""
     if getattr(shared.opts, "batch_cond_uncond", True):
         return True
-    # chunks of B rows from the first: the uncond rows (the last B) are one chunk when the rows before are whole chunks
-    return (layout.total - layout.n_images) % layout.n_images == 0
+    # chunks of B rows from the first: the uncond rows (the last B) are one chunk when the rows before them are whole
+    # chunks; every group of rows the methods insert has B rows, so that is when the cond rows are
+    return layout.n_cond % layout.n_images == 0
 
 
 def _cfg_scale(den: Any) -> float | None:

@@ -263,7 +263,7 @@ def guided_displacement(
 ) -> tuple[Tensor, list[float]]:
     """Run ``iters`` Adam steps of lr ``lr`` on a copy of ``x`` against ``recorder``'s loss; ``forward(z)`` runs the
     model on ``z`` with the recorder in ``"guided"`` mode.  ``first``: ``(z, loss)`` of a first forward already run
-    (the host's own call on ``x``, with ``z`` the float32 leaf it ran on), used as the first iteration's.  Returns
+    (the host's own call on ``x``, with ``z`` the :func:`leaf` it ran on), used as the first iteration's.  Returns
     ``(z - x, losses)`` with the displacement detached and the graph freed; grad mode and the recorder's mode are
     restored."""
     losses: list[float] = []
@@ -289,7 +289,6 @@ def guided_displacement(
             del loss, grad
             opt.step()
         delta = (z.detach() - x.detach().float()).to(x.dtype)
-    first = None
     return delta, losses
 
 
