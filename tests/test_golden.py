@@ -169,6 +169,7 @@ CASES = _cases()
 def _plain(host: str, name: str) -> str:
     return _run(host, *CASES[name])
 
+
 PLAIN = ("plain_txt2img", "plain_img2img")
 
 
@@ -195,7 +196,6 @@ def test_outputs_are_bit_identical_to_the_recording(host, name):
         return
     data = _recorded()
     assert key in data, f"no recording for {key}; record with ATTN_UPDATE_GOLDEN=1"
-    if name not in PLAIN:
-        if any(_plain(host, p) != data.get(f"{host}/{p}") for p in PLAIN):
-            pytest.skip(f"plain {host} generations differ from the recording on this machine (other float kernels)")
+    if name not in PLAIN and any(_plain(host, p) != data.get(f"{host}/{p}") for p in PLAIN):
+        pytest.skip(f"plain {host} generations differ from the recording on this machine (other float kernels)")
     assert got == data[key], f"{key}: output changed"
