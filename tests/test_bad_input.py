@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lib_attn import settings as S
 from tests.fakes.a1111_double import a1111_host
 from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
 
@@ -100,6 +102,7 @@ TABLE = [
     ("style-layers", style(GOOD, layers="middle.7"), "(style.layers): 'middle.7' matched no layer"),
     ("style-checkpointing", style(GOOD, checkpointing="sometimes"),
      "(style.checkpointing): expected one of auto, on, off"),
+    ("style-hires-choice", style(GOOD, hires="sometimes"), "Hires pass (style.hires): expected one of same, own, off"),
     ("style-content-weight", style(GOOD, content_weight=-0.5), "(style.content_weight): -0.5 is out of range"),
     ("edit-mask-in-txt2img", ("txt2img", [{"edit_mask": {}}]),
      "(edit_mask.enabled): the automatic edit mask works in img2img"),
@@ -141,8 +144,21 @@ def call(h, tab, args):
     return h.api_txt2img(payload)
 
 
-def test_the_table_has_at_least_thirty_entries():
-    assert len(TABLE) >= 30
+def _fields_named(fragment: str) -> set[str]:
+    return set(re.findall(r"\(([a-z_]+\.[a-z_]+)\)", fragment))
+
+
+def test_the_table_covers_every_section_and_every_checked_field():
+    """The table tracks the settings: each method section has an entry, and so does every field whose values are
+    checked beyond a number's type and range (choices, images, layer names), so a new section or choice field
+    needs its bad-input entry.  A field named in a fragment exists, and ids are unique (pytest would otherwise
+    rename a duplicate silently and both rows would run under near-identical names)."""
+    named = set().union(*(_fields_named(t[2]) for t in TABLE))
+    assert named <= set(S.FIELD_BY_API), sorted(named - set(S.FIELD_BY_API))
+    sections = {n.split(".")[0] for n in named}
+    assert sections >= set(S.SECTIONS), f"no bad-input entry for section(s) {sorted(set(S.SECTIONS) - sections)}"
+    checked = {f.api_name for f in S.FIELDS if f.kind in ("choice", "image") or f.name == "layers"}
+    assert checked <= named, f"no bad-input entry for {sorted(checked - named)}"
     assert len({t[0] for t in TABLE}) == len(TABLE)
 
 

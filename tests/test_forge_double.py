@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import base64
 import io
+import pathlib
 import sys
 import textwrap
 
 import pytest
 import torch
 
-from tests.fakes.forge_env import forge_host
+from tests.fakes.forge_env import FORGE_ROOT, forge_host
 
 BASE = {
     "prompt": "a red cube",
@@ -479,7 +480,9 @@ def test_host_modules_are_restored_on_exit():
     try:
         with forge_host("sd1") as h:
             assert sys.modules["modules"] is not sentinel
-            assert h.modules.shared.__file__.startswith(str(h.modules.shared.__file__).split("modules")[0])
+            # the host modules are the double's own files, not whatever ``modules`` was imported before
+            assert pathlib.Path(h.modules.shared.__file__).resolve().is_relative_to(FORGE_ROOT)
+            assert pathlib.Path(sys.modules["modules"].__file__).resolve().is_relative_to(FORGE_ROOT)
         assert sys.modules["modules"] is sentinel
         assert not any(n.startswith(("backend", "modules.")) for n in sys.modules)
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ def double(module, call_next, x):
     return call_next(x) * 2
 
 
-def test_wrap_and_remove_restores_class_forward():
+def test_wrap_and_remove_restores_class_forward(caplog):
     net = Net()
     x = torch.randn(2, 3)
     ref = net(x)
@@ -34,7 +36,17 @@ def test_wrap_and_remove_restores_class_forward():
     ps.remove()
     assert "forward" not in net.a.__dict__
     assert torch.equal(net(x), ref)
-    ps.remove()  # idempotent
+    # idempotent: the set forgets what it removed, so a second remove() (__exit__ after an explicit remove, say)
+    # touches nothing, not even a patch installed since on the same module, and has nothing to warn about
+    assert len(ps) == 0
+    later = PatchSet()
+    later.wrap_forward(net.a, double)
+    with caplog.at_level(logging.WARNING, logger="lib_attn"):
+        ps.remove()
+    assert not caplog.records
+    assert is_patched(net.a) and torch.allclose(net(x), net.b(nn.Linear.forward(net.a, x) * 2))
+    later.remove()
+    assert "forward" not in net.a.__dict__ and torch.equal(net(x), ref)
 
 
 def test_removed_even_when_body_raises():

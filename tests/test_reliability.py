@@ -18,7 +18,6 @@ from tests.fakes.a1111_double import a1111_host
 from tests.fakes.forge_env import forge_host
 from tests.test_colorize import photo, small
 from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
-from tests.test_soak import fail_at_call
 
 BASE = dict(prompt="a red cube", negative_prompt="", seed=3, steps=4, cfg_scale=5.0, width=96, height=80,
             sampler_name="Euler")
@@ -172,6 +171,19 @@ def test_no_network_at_run_time():
 FORGE_COUNT = int(os.environ.get("ATTN_SOAK_FORGE", "12"))
 
 
+def fault_at_call(unet, at: int):
+    """A forward pre-hook that raises ``RuntimeError("injected")`` at the ``at``-th UNet call; returns its handle and
+    a function that says whether it has raised (a generation with fewer UNet calls never reaches it)."""
+    calls = {"n": 0}
+
+    def boom(module, args):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise RuntimeError("injected")
+
+    return unet.register_forward_pre_hook(boom), lambda: calls["n"] >= at
+
+
 def test_soak_on_the_forge_double():
     """Random PAG / style / colorization settings, batch sizes, odd sizes, samplers, hires (with Forge's hr_cfg 1
     sometimes), exceptions inside the UNet and interrupts; after each generation nothing of ours is left on the
@@ -207,36 +219,41 @@ def test_soak_on_the_forge_double():
                 kw.update(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5,
                           hr_cfg=rng.choice([1.0, 3.0]))
             fault = 0.05 if i % 6 == 2 else 0.15 if i % 6 == 4 else 1.0
-            handle = None
+            handle = fired = None
+            raised = False
             if fault < 0.1:
-                handle = fail_at_call(unet, rng.randint(1, 4))
+                handle, fired = fault_at_call(unet, rng.randint(1, 4))
             elif fault < 0.2:
                 at = rng.randint(0, 1)
 
                 def interrupt(params, at=at):
+                    nonlocal interrupts
                     if params.sampling_step == at:
                         state.interrupted = True
+                        interrupts += 1
 
                 h.modules.script_callbacks.on_cfg_denoiser(interrupt)
-                interrupts += 1
             try:
                 h.img2img(**kw) if img2img else h.txt2img(**kw)
             except RuntimeError as e:
                 assert "injected" in str(e)
                 failures += 1
+                raised = True
             finally:
                 if handle is not None:
                     handle.remove()
                 if fault < 0.2 and fault >= 0.1:
                     h.modules.script_callbacks.remove_callbacks_for_function(interrupt)
                 state.interrupted = False
+            # a fault that fired surfaced as the generation's error (nothing swallowed it), and only then did it fail
+            assert raised == (fired is not None and fired()), (i, raised)
             assert all("forward" not in m.__dict__ and not m._forward_pre_hooks for m in unet.modules())
             assert h.callback_count() == 0
             assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         again = h.txt2img(**reference).samples
     assert torch.equal(again, expected)
-    if FORGE_COUNT >= 6:
-        assert interrupts > 0
+    if FORGE_COUNT >= 6:  # both kinds of fault really happened: an exception inside the UNet and an interrupt
+        assert failures > 0 and interrupts > 0, (failures, interrupts)
 
 
 @pytest.mark.parametrize("kind", ["sd1"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from lib_attn import settings as S
@@ -162,16 +160,25 @@ def test_hires_override():
 
 
 def test_formatting_is_compact_and_exact():
+    """Compact: no trailing ".0", no exponent, no float noise; exact: a value typed with up to ten significant
+    digits reads back as the same float."""
     f = S.FIELD_BY_KEY["pag_scale"]
-    for v in (0.1, 3.0, 2.75, 1e-3):
-        assert math.isclose(f.parse(f.format(v)), v)
+    compact = {0.1: "0.1", 3.0: "3", 2.75: "2.75", 1e-3: "0.001", 0.0: "0", 0.1 + 0.2: "0.3", 1 / 3: "0.3333333333"}
+    assert {v: f.format(v) for v in compact} == compact
+    for v in (0.1, 3.0, 2.75, 1e-3, 1.234567891, 29.99999999):
+        assert f.parse(f.format(v)) == v, (v, f.format(v))
 
 
-def test_readme_documents_the_positional_order():
-    """The README's positional table lists every field, in the table's order."""
+def test_docs_document_the_positional_order():
+    """The positional table (docs/api.md; the README held it before the docs split) lists every field, in the
+    table's order."""
     import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rows = re.findall(r"^\| (\d+) \| `(\w+)` \|", readme, flags=re.M)
-    assert [(int(i), k) for i, k in rows] == [(i, f.key) for i, f in enumerate(S.FIELDS)]
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tables = {}
+    for doc in ("docs/api.md", "README.md"):
+        text = (root / doc).read_text() if (root / doc).is_file() else ""
+        tables[doc] = re.findall(r"^\| (\d+) \| `(\w+)` \|", text, flags=re.M)
+    doc, rows = next(((d, r) for d, r in tables.items() if r), ("docs/api.md", []))
+    assert [(int(i), k) for i, k in rows] == [(i, f.key) for i, f in enumerate(S.FIELDS)], doc

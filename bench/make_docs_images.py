@@ -1,6 +1,6 @@
 """Regenerate the README's pictures with the tests' tiny random-weight model (no real checkpoint):
 
-    .venv/bin/python tests/bench/make_docs_images.py
+    .venv/bin/python bench/make_docs_images.py
 
 docs/colorize_tiny.jpg: grayscale input | colour reference | output of reference colorization.
 docs/style_tiny.jpg: img2img content | style image | plain img2img | img2img with the style reference.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gradio  # noqa: E402
@@ -34,9 +34,19 @@ def colorize_pair(out_path: pathlib.Path) -> None:
     torch.manual_seed(0)
     with a1111_host("sd1") as h:
         h.load_script(ROOT / "scripts" / "attention_toolkit.py")
-        out = h.img2img(prompt="", negative_prompt="", seed=1, steps=8, cfg_scale=1.0, width=128, height=128,
-                        sampler_name="Euler", denoising_strength=0.5, init_images=[gray],
-                        script_args=[{"colorize": {"reference": ref}}]).images[0]
+        out = h.img2img(
+            prompt="",
+            negative_prompt="",
+            seed=1,
+            steps=8,
+            cfg_scale=1.0,
+            width=128,
+            height=128,
+            sampler_name="Euler",
+            denoising_strength=0.5,
+            init_images=[gray],
+            script_args=[{"colorize": {"reference": ref}}],
+        ).images[0]
     w, h_ = src.size
     sheet = Image.new("RGB", (3 * w + 16, h_), (255, 255, 255))
     for i, im in enumerate((gray, ref.resize((w, h_)), out)):
@@ -49,8 +59,18 @@ def style_sheet(out_path: pathlib.Path) -> None:
     content = Image.open(PHOTOS / "cheetah2.jpg").convert("RGB").resize((256, 256))
     ref = Image.open(PHOTOS / "lion.jpg").convert("RGB")
     torch.manual_seed(0)
-    kw = dict(prompt="", negative_prompt="", seed=1, steps=8, cfg_scale=3.0, width=128, height=128,
-              sampler_name="Euler", denoising_strength=0.5, init_images=[content])
+    kw = dict(
+        prompt="",
+        negative_prompt="",
+        seed=1,
+        steps=8,
+        cfg_scale=3.0,
+        width=128,
+        height=128,
+        sampler_name="Euler",
+        denoising_strength=0.5,
+        init_images=[content],
+    )
     with a1111_host("sd1") as h:
         h.load_script(ROOT / "scripts" / "attention_toolkit.py")
         plain = h.img2img(**kw).images[0]
@@ -66,8 +86,18 @@ def style_sheet(out_path: pathlib.Path) -> None:
 def edit_mask_sheet(out_path: pathlib.Path) -> None:
     init = Image.open(PHOTOS / "cheetah1.jpg").convert("RGB").resize((256, 256))
     torch.manual_seed(0)
-    kw = dict(prompt="a tiger", negative_prompt="", seed=1, steps=10, cfg_scale=5.0, width=256, height=256,
-              sampler_name="Euler", denoising_strength=0.8, init_images=[init])
+    kw = dict(
+        prompt="a tiger",
+        negative_prompt="",
+        seed=1,
+        steps=10,
+        cfg_scale=5.0,
+        width=256,
+        height=256,
+        sampler_name="Euler",
+        denoising_strength=0.8,
+        init_images=[init],
+    )
     with a1111_host("sd1") as h:
         h.load_script(ROOT / "scripts" / "attention_toolkit.py")
         res = h.img2img(**kw, script_args=[{"edit_mask": {"threshold": 0.5, "grow": 0}}])
@@ -84,8 +114,18 @@ def yoda_sheet(out_path: pathlib.Path) -> None:
     each pixel was diffused | result."""
     init = Image.open(PHOTOS / "cheetah2.jpg").convert("RGB").resize((128, 128))
     torch.manual_seed(0)
-    kw = dict(prompt="a cheetah", negative_prompt="", seed=1, steps=12, cfg_scale=5.0, width=256, height=256,
-              sampler_name="Euler", denoising_strength=0.6, init_images=[init])
+    kw = dict(
+        prompt="a cheetah",
+        negative_prompt="",
+        seed=1,
+        steps=12,
+        cfg_scale=5.0,
+        width=256,
+        height=256,
+        sampler_name="Euler",
+        denoising_strength=0.6,
+        init_images=[init],
+    )
     with a1111_host("sd1") as h:
         h.load_script(ROOT / "scripts" / "attention_toolkit.py")
         res = h.img2img(**kw, script_args=[{"yoda": {"source": "unet", "show": True, "start_coverage": 0.2}}])

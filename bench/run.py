@@ -1,6 +1,6 @@
 """Benchmarks: cost of each method against plain sampling, measured in the same run.
 
-    .venv/bin/python tests/bench/run.py pag|colorize|style|edit_mask|masked_upscale [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
+    .venv/bin/python bench/run.py pag|colorize|style|edit_mask|masked_upscale [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
 
 ``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
 ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -84,8 +84,17 @@ def bench_pag(args: argparse.Namespace) -> float:
         times, restore = _timed_sampling(h)
         off = S.defaults().to_args()
         on = S.defaults().with_values({"pag_enabled": True, "pag_scale": 3.0}).to_args()
-        base = dict(prompt="a photo of a cat", negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0,
-                    width=size, height=size, batch_size=args.batch, sampler_name="Euler")
+        base = dict(
+            prompt="a photo of a cat",
+            negative_prompt="",
+            seed=1,
+            steps=args.steps,
+            cfg_scale=5.0,
+            width=size,
+            height=size,
+            batch_size=args.batch,
+            sampler_name="Euler",
+        )
         try:
             h.txt2img(**base, script_args=on)  # warm-up
             h.txt2img(**base, script_args=off)
@@ -97,8 +106,10 @@ def bench_pag(args: argparse.Namespace) -> float:
                 pag_t.append(times[-1])
         finally:
             restore()
-    print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, "
-          f"torch threads {torch.get_num_threads()}, attention: sdp as the WebUI's default optimization)")
+    print(
+        f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, "
+        f"torch threads {torch.get_num_threads()}, attention: sdp as the WebUI's default optimization)"
+    )
     ratios = {}
     for i, clock in enumerate(("cpu", "wall")):
         cfg_s = statistics.median(t[i] for t in cfg_t) / args.steps
@@ -135,8 +146,19 @@ def bench_colorize(args: argparse.Namespace) -> float:
         h.load_script(SCRIPT)
         off = S.defaults().to_args()
         on = [{"colorize": {"reference": ref}}]
-        base = dict(prompt="", negative_prompt="", seed=1, steps=args.steps, cfg_scale=1.0, width=size, height=size,
-                    batch_size=args.batch, sampler_name="Euler", denoising_strength=1.0, init_images=[init])
+        base = dict(
+            prompt="",
+            negative_prompt="",
+            seed=1,
+            steps=args.steps,
+            cfg_scale=1.0,
+            width=size,
+            height=size,
+            batch_size=args.batch,
+            sampler_name="Euler",
+            denoising_strength=1.0,
+            init_images=[init],
+        )
 
         def timed(script_args):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -149,9 +171,11 @@ def bench_colorize(args: argparse.Namespace) -> float:
         for _ in range(args.repeat):
             plain_t.append(timed(off))
             col_t.append(timed(on))
-    print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, CFG 1, "
-          f"torch threads {torch.get_num_threads()}; guidance 10, empty prompt: the uncond rows are the plain rows, the "
-          f"reference streams at the default half side)")
+    print(
+        f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, CFG 1, "
+        f"torch threads {torch.get_num_threads()}; guidance 10, empty prompt: the uncond rows are the plain rows, the "
+        f"reference streams at the default half side)"
+    )
     ratios = {}
     for i, clock in enumerate(("cpu", "wall")):
         a = statistics.median(t[i] for t in plain_t)
@@ -190,13 +214,24 @@ def bench_edit_mask(args: argparse.Namespace) -> float:
         from lib_attn.methods import edit_mask as em
 
         off, on = S.defaults().to_args(), [{"edit_mask": {}}]
-        base = dict(prompt=prompt, negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0, width=size,
-                    height=size, batch_size=args.batch, sampler_name="Euler", denoising_strength=0.5,
-                    init_images=[init])
+        base = dict(
+            prompt=prompt,
+            negative_prompt="",
+            seed=1,
+            steps=args.steps,
+            cfg_scale=5.0,
+            width=size,
+            height=size,
+            batch_size=args.batch,
+            sampler_name="Euler",
+            denoising_strength=0.5,
+            init_images=[init],
+        )
         model = h.modules.shared.sd_model
         restores = [_time_into(spent, "mask", em, "cross_attention_probs"), _time_into(spent, "mask", em.MapSum, "add")]
-        restores += [_time_into(spent, "mask", edit_mask_io.EditMaskRun, n)
-                     for n in ("update", "blend_input", "blend_denoised")]
+        restores += [
+            _time_into(spent, "mask", edit_mask_io.EditMaskRun, n) for n in ("update", "blend_input", "blend_denoised")
+        ]
 
         def generation(script_args):
             spent["mask"] = 0.0
@@ -232,10 +267,14 @@ def bench_edit_mask(args: argparse.Namespace) -> float:
                 r()
     med = statistics.median
     plain, edit, mask, diff = med(plain_t), med(edit_t), med(mask_t), med(diff_t)
-    print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps at strength 0.5 x {args.repeat} runs, "
-          f"CFG 5, torch threads {torch.get_num_threads()})")
-    print(f"img2img {plain * 1000:8.1f} ms   with edit mask {edit * 1000:8.1f} ms   of which the mask's own code "
-          f"{mask * 1000:7.1f} ms   DiffEdit mask (2x10 rows) {diff * 1000:8.1f} ms")
+    print(
+        f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps at strength 0.5 x {args.repeat} runs, "
+        f"CFG 5, torch threads {torch.get_num_threads()})"
+    )
+    print(
+        f"img2img {plain * 1000:8.1f} ms   with edit mask {edit * 1000:8.1f} ms   of which the mask's own code "
+        f"{mask * 1000:7.1f} ms   DiffEdit mask (2x10 rows) {diff * 1000:8.1f} ms"
+    )
     print(f"ratio diffedit_mask_vs_instant_mask {diff / mask:.3f}")
     print(f"ratio diffedit_edit_vs_instant_edit {(diff + plain) / edit:.3f}")
     print(f"ratio edit_mask_vs_img2img {edit / plain:.3f}")
@@ -256,8 +295,15 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
 
     with tempfile.TemporaryDirectory() as models, a1111_host(kind) as h:
         torch.manual_seed(0)
-        cfg = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                        patch_size=8, image_size=224, qkv_bias=True)
+        cfg = ViTConfig(
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            intermediate_size=1536,
+            patch_size=8,
+            image_size=224,
+            qkv_bias=True,
+        )
         ViTModel(cfg, add_pooling_layer=False).save_pretrained(pathlib.Path(models) / "dino" / "dino-vits8")
         h.load_script(SCRIPT)
         from modules import paths
@@ -267,13 +313,27 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
 
         paths.models_path = models
         restores = [_time_into(spent, "dino", dino, "attention_map")]
-        restores += [_time_into(spent, "run", yoda_io.YodaRun, n)
-                     for n in ("start_pass", "mask_for", "blend_input", "blend_denoised", "add_unet")]
+        restores += [
+            _time_into(spent, "run", yoda_io.YodaRun, n)
+            for n in ("start_pass", "mask_for", "blend_input", "blend_denoised", "add_unet")
+        ]
         off, on = S.defaults().to_args(), [{"yoda": {"source": "dino-vits8"}}]
         half = size // 2
-        base = dict(prompt="a photo of a cat", negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0,
-                    width=half, height=half, batch_size=args.batch, sampler_name="Euler", enable_hr=True,
-                    hr_scale=2.0, hr_upscaler="Latent", denoising_strength=0.5)
+        base = dict(
+            prompt="a photo of a cat",
+            negative_prompt="",
+            seed=1,
+            steps=args.steps,
+            cfg_scale=5.0,
+            width=half,
+            height=half,
+            batch_size=args.batch,
+            sampler_name="Euler",
+            enable_hr=True,
+            hr_scale=2.0,
+            hr_upscaler="Latent",
+            denoising_strength=0.5,
+        )
 
         def generation(script_args):
             spent.update(dino=0.0, run=0.0)
@@ -291,15 +351,19 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
             for r in restores:
                 r()
     med = statistics.median
-    print(f"size {args.size} ({half}px -> hires {size}px, batch {args.batch}, {args.steps} steps per pass at hires "
-          f"denoising 0.5 x {args.repeat} runs, CFG 5, torch threads {torch.get_num_threads()}; DINO ViT-S/8 full size)")
+    print(
+        f"size {args.size} ({half}px -> hires {size}px, batch {args.batch}, {args.steps} steps per pass at hires "
+        f"denoising 0.5 x {args.repeat} runs, CFG 5, torch threads {torch.get_num_threads()}; DINO ViT-S/8 full size)"
+    )
     ratios = {}
     for i, clock in enumerate(("wall", "cpu")):
         a, b = med(t[i] for t in plain_t), med(t[i] for t in yoda_t)
         ratios[clock] = b / a
         print(f"{clock:4s} txt2img+hires {a * 1000:9.1f} ms   with masked upscaling {b * 1000:9.1f} ms")
-    print(f"of which DINO {med(t[2] for t in yoda_t) * 1000:.1f} ms, the run's other code "
-          f"{med(t[3] for t in yoda_t) * 1000:.1f} ms")
+    print(
+        f"of which DINO {med(t[2] for t in yoda_t) * 1000:.1f} ms, the run's other code "
+        f"{med(t[3] for t in yoda_t) * 1000:.1f} ms"
+    )
     print(f"ratio masked_upscale_vs_hires_cpu {ratios['cpu']:.3f}")
     print(f"ratio masked_upscale_vs_hires {ratios['wall']:.3f}")
     return ratios["wall"]
@@ -332,8 +396,17 @@ def bench_style(args: argparse.Namespace) -> float:
     with a1111_host(kind) as h:
         h.load_script(SCRIPT)
         times, restore = _timed_sampling(h)
-        base = dict(prompt="a photo of a cat", negative_prompt="", seed=1, steps=args.steps, cfg_scale=5.0,
-                    width=size, height=size, batch_size=args.batch, sampler_name="Euler")
+        base = dict(
+            prompt="a photo of a cat",
+            negative_prompt="",
+            seed=1,
+            steps=args.steps,
+            cfg_scale=5.0,
+            width=size,
+            height=size,
+            batch_size=args.batch,
+            sampler_name="Euler",
+        )
         got: dict[str, list] = {k: [] for k in variants}
         peaks: dict[str, float] = {}
         try:
@@ -350,13 +423,17 @@ def bench_style(args: argparse.Namespace) -> float:
                     got[name].append(times[-1])
         finally:
             restore()
-    print(f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, CFG 5, "
-          f"torch threads {torch.get_num_threads()}, checkpointing {args.checkpointing}; fp32 on the CPU)")
+    print(
+        f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, CFG 5, "
+        f"torch threads {torch.get_num_threads()}, checkpointing {args.checkpointing}; fp32 on the CPU)"
+    )
     plain = statistics.median(t[0] for t in got["plain"]) / args.steps
     ratio = float("nan")
     for name in variants:
         step = statistics.median(t[0] for t in got[name]) / args.steps
-        print(f"{name:15s} step {step * 1000:9.2f} ms   x{step / plain:6.2f}   peak RSS above start {peaks[name]:8.1f} MB")
+        print(
+            f"{name:15s} step {step * 1000:9.2f} ms   x{step / plain:6.2f}   peak RSS above start {peaks[name]:8.1f} MB"
+        )
         if name == f"style iters {default_iters}":
             ratio = step / plain
     for name in variants:
@@ -380,9 +457,18 @@ def _meta_unet(kind: str):
     if kind == "sd15":
         cfg = dict(tiny.UNET_CONFIGS["sd15"])
     else:
-        cfg = dict(tiny._COMMON, model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(4, 2),
-                   num_head_channels=64, transformer_depth=10, context_dim=[2048] * 10, use_linear_in_transformer=True,
-                   num_classes="continuous", image_size=128)
+        cfg = dict(
+            tiny._COMMON,
+            model_channels=320,
+            channel_mult=(1, 2, 4),
+            attention_resolutions=(4, 2),
+            num_head_channels=64,
+            transformer_depth=10,
+            context_dim=[2048] * 10,
+            use_linear_in_transformer=True,
+            num_classes="continuous",
+            image_size=128,
+        )
     with torch.device("meta"):
         unet = UNetModel(**cfg)
         if kind == "sdxl":
@@ -469,10 +555,14 @@ def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
     full = sum(saved.values())
     ckpt = sum(inputs) + max(per_block)
     gib = 1024**3
-    print(f"{kind}: {n_params / 1e9:.3f}B parameters, fp16 weights {n_params * 2 / gib:.2f} GiB; "
-          f"{side * 8}x{side * 8}, style layers {', '.join(c for c in chosen)}")
-    print(f"  guided pass, per image: activations kept for backward {full / gib:.2f} GiB without "
-          f"checkpointing, about {ckpt / gib:.2f} GiB with it")
+    print(
+        f"{kind}: {n_params / 1e9:.3f}B parameters, fp16 weights {n_params * 2 / gib:.2f} GiB; "
+        f"{side * 8}x{side * 8}, style layers {', '.join(c for c in chosen)}"
+    )
+    print(
+        f"  guided pass, per image: activations kept for backward {full / gib:.2f} GiB without "
+        f"checkpointing, about {ckpt / gib:.2f} GiB with it"
+    )
     return full
 
 
