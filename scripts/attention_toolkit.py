@@ -11,6 +11,12 @@ from lib_attn import settings as S
 class AttentionToolkitScript(scripts.Script):
     sorting_priority = 15  # Forge: place below the built-in sections
 
+    def __init__(self):
+        super().__init__()
+        # The runners create every script (initialize_scripts) after all script files are loaded and before any
+        # ui() call, xyz_grid's included: this adds our axes even where xyz_grid loads after this file.
+        _register_xyz(quiet=True)
+
     def title(self):
         return S.TITLE  # also the API key in alwayson_scripts: never change it
 
@@ -38,11 +44,16 @@ class AttentionToolkitScript(scripts.Script):
         host.postprocess(p, processed)
 
 
-def _register_xyz():
+def _register_xyz(quiet=False):
     from lib_attn.host import xyz
 
-    xyz.register()
+    xyz.register(quiet=quiet)
 
 
+# XYZ axes must exist before xyz_grid's ui() builds its axis list (the API's axis indices and /script-info choices
+# come from it).  With --nowebui, webui.py's api_only() (Forge: api_only_worker()) builds the UI inside Api() and
+# only then runs before_ui callbacks, so on_before_ui alone is too late there.  The built-in scripts/xyz_grid.py
+# loads before extension scripts, so registering now covers that case; __init__ above covers any other order.
+_register_xyz(quiet=True)
 script_callbacks.on_before_ui(_register_xyz)
 script_callbacks.on_script_unloaded(host.cleanup_model)

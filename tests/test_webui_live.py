@@ -5,6 +5,9 @@ checkpoint, then:
 
     ATTN_WEBUI_URL=http://127.0.0.1:7860 bash tests/run.sh -m webui
 
+A WebUI started with ``--nowebui`` (API only, port 7861) runs the same checks, plus the API-only one
+(``ATTN_WEBUI_NOWEBUI=1`` makes that one required rather than skipped when the server says it has a UI).
+
 Each check talks to the WebUI as a user's script would: ``alwayson_scripts`` with the named and the
 positional form, bad input, hires fix, img2img with a mask, and "off" equal to no extension.  Seeds are
 fixed and the checks compare decoded pixels, so they hold on any deterministic backend (CPU).
@@ -186,6 +189,29 @@ def test_xyz_plot_axis():
     assert np.array_equal(cells[0], plain)
     assert np.array_equal(cells[1], pag)
     assert "PAG scale: 2.5" in json.loads(body["info"])["infotexts"][2]
+
+
+def test_api_only_server_lists_and_runs_the_xyz_axes():
+    """``--nowebui`` builds the script runners inside the API before the ``on_before_ui`` callbacks: every axis must
+    still be listed once for its tabs (script-info) and run through the API."""
+    flags = ok(call("/sdapi/v1/cmd-flags"))
+    if os.environ.get("ATTN_WEBUI_NOWEBUI") == "1":
+        assert flags.get("nowebui"), "ATTN_WEBUI_NOWEBUI=1 but the WebUI was not started with --nowebui"
+    elif not flags.get("nowebui"):
+        pytest.skip("the WebUI has a UI (no --nowebui)")
+    info = ok(call("/sdapi/v1/script-info"))
+    for tab in ("txt2img", "img2img"):
+        xyz = next(s for s in info if s["name"] == "x/y/z plot" and s["is_img2img"] == (tab == "img2img"))
+        ours = [c for c in xyz["args"][0]["choices"] if c.startswith(S.XYZ_PREFIX)]
+        assert ours == [S.XYZ_PREFIX + f.infotext for f in S.FIELDS
+                        if f.kind != "image" and tab in S.SECTION_TABS.get(f.section, (tab,))]
+    choices = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
+    none = choices.index("Nothing")
+    args = [choices.index("[Attention] PAG scale"), "1.5, 3", [], none, "", [], none, "", [], True, True, False, False,
+            0, 0, 0, 0, False]
+    body = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args}))
+    texts = json.loads(body["info"])["infotexts"]  # [grid, cell 0, cell 1]
+    assert "PAG scale: 1.5" in texts[1] and "PAG scale: 3" in texts[2], texts
 
 
 def test_infotext_parses_back_through_the_webui():

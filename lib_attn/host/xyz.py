@@ -59,11 +59,14 @@ def axis_options(xyz: Any) -> list[Any]:
     return out
 
 
-def register() -> int:
-    """Add our axes once (idempotent); returns how many were added."""
+def register(*, quiet: bool = False) -> int:
+    """Add our axes once (idempotent); returns how many were added.  Called at every point where xyz_grid may
+    have been loaded before its ``ui()`` lists the axes (see scripts/attention_toolkit.py); ``quiet`` leaves a
+    missing xyz_grid unlogged for all but the last of them."""
     xyz = find_xyz_module()
     if xyz is None:
-        log.info("[Attention Toolkit] xyz_grid not found; no XYZ axes added")
+        if not quiet:
+            log.info("[Attention Toolkit] xyz_grid not found; no XYZ axes added")
         return 0
     have = {getattr(o, "label", None) for o in xyz.axis_options}
     new = [o for o in axis_options(xyz) if o.label not in have]

@@ -81,6 +81,7 @@ class A1111Host:
         m.sd_models.reload_model_weights(info=m.sd_models.get_closet_checkpoint_match(kind))
         self.runners = {False: m.scripts.ScriptRunner(False), True: m.scripts.ScriptRunner(True)}
         m.scripts.scripts_txt2img, m.scripts.scripts_img2img = self.runners[False], self.runners[True]
+        self.server = None  # the modules.api.api.Api made by start()
 
     @property
     def errors(self) -> list[str]:
@@ -105,6 +106,33 @@ class A1111Host:
                     runner.create_script_ui(script)
         self.modules.script_callbacks.before_ui_callback()
         return module
+
+    def start(self, extension_scripts, *, nowebui: bool, files=None):
+        """Start-up as webui.py does it, instead of ``load_script``: ``initialize()`` loads every script
+        (``scripts.load_scripts``: the WebUI's own scripts/ first, xyz_grid.py among them, then
+        ``extension_scripts``; ``files`` replaces that order), then
+
+        - ``nowebui`` (``api_only()``): ``create_api`` -> ``Api()``, which builds the script runners and calls every
+          ``ui()`` itself, then ``before_ui_callback()``, then ``app_started_callback(None, app)``;
+        - else (``webui()`` with ``--api``): ``before_ui_callback()``, ``ui.create_ui()``, ``create_api``,
+          ``app_started_callback(demo, app)``.
+
+        Returns the ``Api``; ``api_txt2img``/``api_img2img`` then take their default args from it."""
+        import importlib
+
+        m = self.modules
+        m.scripts.load_scripts(extension_scripts, files=files)
+        demo = None
+        if nowebui:
+            self.server = m.api.Api()
+            m.script_callbacks.before_ui_callback()
+        else:
+            m.script_callbacks.before_ui_callback()
+            demo = importlib.import_module("modules.ui").create_ui()
+            self.server = m.api.Api()
+        m.script_callbacks.app_started_callback(demo, None)
+        self.runners = {False: m.scripts.scripts_txt2img, True: m.scripts.scripts_img2img}
+        return self.server
 
     def script(self, is_img2img=False, title="Attention Toolkit"):
         return next(s for s in self.runners[is_img2img].scripts if s.title() == title)
@@ -136,8 +164,15 @@ class A1111Host:
     def _api(self, payload: dict, is_img2img: bool) -> tuple[int, dict]:
         m = self.modules
         payload = dict(payload)
+        runner = self.runners[is_img2img]
+        if self.server is not None:
+            defaults = self.server.default_script_arg_img2img if is_img2img else self.server.default_script_arg_txt2img
+        else:
+            defaults = self.default_args(is_img2img)
         try:
-            args = m.api.init_script_args(payload, self.default_args(is_img2img), self.runners[is_img2img])
+            selectable, selectable_idx = m.api.get_selectable_script(payload.pop("script_name", None), runner)
+            args = m.api.init_script_args(payload, defaults, runner, selectable, selectable_idx)
+            payload.pop("script_args", None)
             payload.pop("alwayson_scripts", None)
             if is_img2img:
                 payload["init_images"] = [m.api.decode_base64_to_image(s) for s in payload.get("init_images", [])]
@@ -146,9 +181,10 @@ class A1111Host:
                 cls = m.processing.StableDiffusionProcessingImg2Img
             else:
                 cls = m.processing.StableDiffusionProcessingTxt2Img
-            p = cls(scripts=self.runners[is_img2img], script_args=args, **payload)
+            p = cls(scripts=runner, script_args=args, **payload)
             p.is_api = True
-            processed = m.processing.process_images(p)
+            # the selected script (e.g. X/Y/Z plot) runs the generations itself
+            processed = runner.run(p, *args) if selectable is not None else m.processing.process_images(p)
         except m.api.HTTPException as e:
             return e.status_code, {"detail": e.detail}
         except Exception as e:  # A1111's API middleware turns it into a 500 with the message

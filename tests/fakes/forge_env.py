@@ -164,6 +164,33 @@ class ForgeHost:
         self._baseline = {id(c) for lst in cmap.values() for c in lst}
         return module
 
+    def start(self, extension_scripts, *, nowebui: bool, files=None):
+        """Start-up as webui.py does it, instead of ``load_script``: ``initialize()`` loads every script
+        (``scripts.load_scripts``: the WebUI's own scripts/ first, xyz_grid.py among them, then
+        ``extension_scripts``; ``files`` replaces that order), then
+
+        - ``nowebui`` (``api_only_worker``): ``create_api`` -> ``Api()``, which builds the script runners and calls
+          every ``ui()`` itself, then ``before_ui_callback()``, then ``app_started_callback(None, app)``;
+        - else (``webui_worker`` with ``--api``): ``before_ui_callback()``, ``ui.create_ui()``, ``create_api``,
+          ``app_started_callback(demo, app)``.
+
+        Returns the ``Api`` (also what ``api()`` returns afterwards)."""
+        scripts = self.modules.scripts
+        callbacks = self.modules.script_callbacks
+        scripts.load_scripts(extension_scripts, files=files)
+        self.loaded_scripts = [(d.path, d.module) for d in scripts.scripts_data]
+        demo = None
+        if nowebui:
+            self._api = importlib.import_module("modules.api.api").Api()
+            callbacks.before_ui_callback()
+        else:
+            callbacks.before_ui_callback()
+            demo = self.modules.ui.create_ui()
+            self._api = importlib.import_module("modules.api.api").Api()
+        callbacks.app_started_callback(demo, None)
+        self._baseline = {id(c) for lst in callbacks.callback_map.values() for c in lst}
+        return self._api
+
     def script(self, title: str | None = None, *, is_img2img: bool = False):
         """The runner's instance of a loaded script (by title; default: the last loaded one)."""
         scripts = self.modules.scripts

@@ -1,9 +1,14 @@
-"""Double of modules/scripts.py: Script base, AlwaysOn runner, hook dispatch with A1111's error handling."""
+"""Double of modules/scripts.py: Script base, AlwaysOn runner, hook dispatch with A1111's error handling, and the
+start-up path (``load_scripts``, ``initialize_scripts``, ``setup_ui``, ``run`` for the selected script)."""
 
+import inspect
+import os
+import sys
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Any
 
-from modules import errors
+from modules import errors, paths, script_callbacks, script_loading
 
 AlwaysVisible = object()
 
@@ -119,6 +124,8 @@ class ScriptRunner:
         self.inputs = [None]
         self.infotext_fields = []
         self.paste_field_names = []
+        self.title_map = {}
+        self.titles = []
 
     def add(self, script):
         script.is_img2img = self.is_img2img
@@ -131,16 +138,87 @@ class ScriptRunner:
             self.selectable_scripts.append(script)
         self.scripts.append(script)
 
+    def initialize_scripts(self, is_img2img):
+        """A new instance of every loaded script class, in ``scripts_data`` order; AlwaysOn ones also go to
+        ``alwayson_scripts``, others that show in this tab to ``selectable_scripts``."""
+        self.is_img2img = is_img2img
+        self.scripts.clear()
+        self.alwayson_scripts.clear()
+        self.selectable_scripts.clear()
+        for script_data in scripts_data:
+            try:
+                script = script_data.script_class()
+            except Exception:
+                errors.report(f"Error # failed to initialize Script {script_data.module}: ", exc_info=True)
+                continue
+            script.filename = script_data.path
+            script.is_txt2img = not is_img2img
+            script.is_img2img = is_img2img
+            script.tabname = "img2img" if is_img2img else "txt2img"
+            visibility = script.show(script.is_img2img)
+            if visibility is AlwaysVisible:
+                self.scripts.append(script)
+                self.alwayson_scripts.append(script)
+                script.alwayson = True
+            elif visibility:
+                self.scripts.append(script)
+                self.selectable_scripts.append(script)
+
     def create_script_ui(self, script):
+        from modules.api import models as api_models
+
         script.args_from = len(self.inputs)
         controls = script.ui(script.is_img2img) or []
         script.controls = controls
+        script.name = script.title().lower()
+        args = []
+        for control in controls:
+            arg = api_models.ScriptArg(label=getattr(control, "label", None) or "")
+            for field in ("value", "minimum", "maximum", "step"):
+                if getattr(control, field, None) is not None:
+                    setattr(arg, field, getattr(control, field))
+            choices = getattr(control, "choices", None)
+            if choices is not None:
+                arg.choices = [x[0] if isinstance(x, tuple) else x for x in choices]
+            args.append(arg)
+        script.api_info = api_models.ScriptInfo(name=script.name, is_img2img=script.is_img2img,
+                                                is_alwayson=script.alwayson, args=args)
         self.inputs.extend(controls)
         script.args_to = len(self.inputs)
         if script.infotext_fields:
             self.infotext_fields.extend(script.infotext_fields)
         if script.paste_field_names:
             self.paste_field_names.extend(script.paste_field_names)
+
+    def prepare_ui(self):
+        self.inputs = [None]
+
+    def setup_ui(self):
+        """Inside ``gr.Blocks()``: the AlwaysOn scripts' controls, the "Script" dropdown (``inputs[0]``, an index:
+        0 = None, i = ``selectable_scripts[i - 1]``), then the selectable scripts' controls."""
+        import gradio as gr
+
+        self.title_map = {s.title().lower(): s for s in self.scripts}
+        self.titles = [s.title() for s in self.selectable_scripts]
+        for script in self.alwayson_scripts:
+            with gr.Group():
+                self.create_script_ui(script)
+        self.inputs[0] = gr.Dropdown(label="Script", elem_id="script_list", choices=["None", *self.titles],
+                                     value="None", type="index")
+        for script in self.selectable_scripts:
+            with gr.Group(visible=False):
+                self.create_script_ui(script)
+        return self.inputs
+
+    def run(self, p, *args):
+        script_index = args[0]
+        if script_index == 0 or script_index is None:
+            return None
+        script = self.selectable_scripts[script_index - 1]
+        return script.run(p, *args[script.args_from:script.args_to])
+
+    def script(self, title):
+        return self.title_map.get(title.lower())
 
     def _run(self, method, p, *args, **kwargs):
         for script in self.alwayson_scripts:
@@ -188,4 +266,50 @@ class ScriptRunner:
 
 scripts_txt2img = ScriptRunner(False)
 scripts_img2img = ScriptRunner(True)
+scripts_current = None
+ScriptFile = namedtuple("ScriptFile", ["basedir", "filename", "path"])
+ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
 scripts_data = []
+
+builtin_scripts_dir = os.path.join(os.path.dirname(paths.script_path), "builtin_scripts")
+"""Stands for the WebUI's own ``scripts/`` folder (``os.path.join(paths.script_path, "scripts")``; the doubles share
+one: tests/fakes/builtin_scripts)."""
+
+
+def list_scripts(extension_scripts=()):
+    """``list_scripts("scripts", ".py")`` without metadata.ini ordering: the WebUI's own ``scripts/*.py`` sorted by
+    file name first (basedir ``paths.script_path``), then the extensions' script files in the order given."""
+    files = []
+    if os.path.isdir(builtin_scripts_dir):
+        for filename in sorted(os.listdir(builtin_scripts_dir)):
+            path = os.path.join(builtin_scripts_dir, filename)
+            if os.path.isfile(path) and os.path.splitext(filename)[1].lower() == ".py":
+                files.append(ScriptFile(paths.script_path, filename, path))
+    for path in extension_scripts:
+        path = os.path.abspath(str(path))
+        files.append(ScriptFile(os.path.dirname(os.path.dirname(path)), os.path.basename(path), path))
+    return files
+
+
+def load_scripts(extension_scripts=(), *, files=None):
+    """``load_scripts()`` as ``initialize_rest`` calls it at start-up: forget every script class and every script
+    callback, load each file (``list_scripts`` order, or ``files``) with its extension folder in front of sys.path
+    while it loads, register its Script classes in ``scripts_data``, then replace both runners by new, empty ones."""
+    global scripts_txt2img, scripts_img2img
+    scripts_data.clear()
+    script_callbacks.clear_callbacks()
+    for f in list_scripts(extension_scripts) if files is None else files:
+        syspath = sys.path
+        try:
+            if f.basedir != paths.script_path:
+                sys.path = [f.basedir, *sys.path]
+            module = script_loading.load_module(f.path)
+            for script_class in module.__dict__.values():
+                if inspect.isclass(script_class) and issubclass(script_class, Script) and script_class is not Script:
+                    scripts_data.append(ScriptClassData(script_class, f.path, f.basedir, module))
+        except Exception:
+            errors.report(f"Error loading script: {f.filename}", exc_info=True)
+        finally:
+            sys.path = syspath
+    scripts_txt2img = ScriptRunner(False)
+    scripts_img2img = ScriptRunner(True)

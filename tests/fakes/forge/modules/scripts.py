@@ -215,6 +215,39 @@ def load_script_file(path, base=None):
         current_basedir = paths.script_path
 
 
+builtin_scripts_dir = os.path.join(os.path.dirname(paths.script_path), "builtin_scripts")
+"""Stands for the WebUI's own ``scripts/`` folder (``os.path.join(paths.script_path, "scripts")``; the doubles share
+one: tests/fakes/builtin_scripts)."""
+
+
+def list_scripts(extension_scripts=()):
+    """``list_scripts("scripts", ".py")`` without metadata.ini ordering: the WebUI's own ``scripts/*.py`` sorted by
+    file name first (basedir ``paths.script_path``), then the extensions' script files in the order given (Forge
+    lists extensions-builtin, then extensions, each sorted by folder name)."""
+    files = []
+    if os.path.isdir(builtin_scripts_dir):
+        for filename in sorted(os.listdir(builtin_scripts_dir)):
+            path = os.path.join(builtin_scripts_dir, filename)
+            if os.path.isfile(path) and os.path.splitext(filename)[1].lower() == ".py":
+                files.append(ScriptFile(paths.script_path, filename, path))
+    for path in extension_scripts:
+        path = os.path.abspath(str(path))
+        files.append(ScriptFile(os.path.dirname(os.path.dirname(path)), os.path.basename(path), path))
+    return files
+
+
+def load_scripts(extension_scripts=(), *, files=None):
+    """``load_scripts()`` as ``initialize_rest`` calls it at start-up: forget every script class and every script
+    callback, load each file in ``list_scripts`` order (or ``files``, to test another order), then replace both
+    runners by new, empty ones (their scripts are created later, by ``create_ui`` or by ``Api()``)."""
+    scripts_data.clear()
+    postprocessing_scripts_data.clear()
+    script_callbacks.clear_callbacks()
+    for f in list_scripts(extension_scripts) if files is None else files:
+        load_script_file(f.path, f.basedir)
+    create_runners()
+
+
 def wrap_call(func, filename, funcname, *args, default=None, **kwargs):
     try:
         return func(*args, **kwargs)

@@ -146,9 +146,41 @@ _IMG2IMG_FIELDS = (
 
 
 class Api:
-    def __init__(self):
+    def __init__(self, app=None, queue_lock=None):
+        """The script part of ``Api.__init__``: when a runner has no scripts yet (``--nowebui``: ``load_scripts``
+        left both empty and no UI was built), build the UI's script runners now (``ui.create_ui()``, which calls
+        every script's ``ui()``), then compute both tabs' default args (another ``ui()`` call per script)."""
+        from modules import ui
+
+        self.app = app
+        self.queue_lock = queue_lock
         self.default_script_arg_txt2img = []
         self.default_script_arg_img2img = []
+        txt2img_script_runner = scripts.scripts_txt2img
+        img2img_script_runner = scripts.scripts_img2img
+        if not txt2img_script_runner.scripts or not img2img_script_runner.scripts:
+            ui.create_ui()
+        if not txt2img_script_runner.scripts:
+            txt2img_script_runner.initialize_scripts(False)
+        if not self.default_script_arg_txt2img:
+            self.default_script_arg_txt2img = self.init_default_script_args(txt2img_script_runner)
+        if not img2img_script_runner.scripts:
+            img2img_script_runner.initialize_scripts(True)
+        if not self.default_script_arg_img2img:
+            self.default_script_arg_img2img = self.init_default_script_args(img2img_script_runner)
+
+    def get_scripts_list(self):
+        """``/sdapi/v1/scripts``"""
+        t2i = [s.name for s in scripts.scripts_txt2img.scripts if s.name is not None]
+        i2i = [s.name for s in scripts.scripts_img2img.scripts if s.name is not None]
+        return {"txt2img": t2i, "img2img": i2i}
+
+    def get_script_info(self):
+        """``/sdapi/v1/script-info``: each script's ``api_info`` as recorded when the UI was built."""
+        res = []
+        for script_list in (scripts.scripts_txt2img.scripts, scripts.scripts_img2img.scripts):
+            res += [s.api_info for s in script_list if s.api_info is not None]
+        return res
 
     def get_script(self, script_name, script_runner):
         if script_name is None or script_name == "":
