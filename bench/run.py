@@ -210,8 +210,8 @@ def bench_edit_mask(args: argparse.Namespace) -> float:
 
     with a1111_host(kind) as h:
         h.load_script(SCRIPT)
-        from lib_attn.host import edit_mask_io  # the modules the loaded script uses
-        from lib_attn.methods import edit_mask as em
+        from lib_attn.methods.edit_mask import core as em
+        from lib_attn.methods.edit_mask import run as edit_mask_io  # the modules the loaded script uses
 
         off, on = S.defaults().to_args(), [{"edit_mask": {}}]
         base = dict(
@@ -308,8 +308,8 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
         h.load_script(SCRIPT)
         from modules import paths
 
-        from lib_attn.host import yoda_io
-        from lib_attn.methods import dino
+        from lib_attn.methods.yoda import dino
+        from lib_attn.methods.yoda import run as yoda_io
 
         paths.models_path = models
         restores = [_time_into(spent, "dino", dino, "attention_map")]
@@ -500,7 +500,8 @@ def bench_style_memory(args: argparse.Namespace) -> float:
 
 
 def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
-    from lib_attn.methods import colorize, style
+    from lib_attn.methods.colorize import core as colorize
+    from lib_attn.methods.style import core as style
     from lib_attn.registry import PatchSet
     from lib_attn.session import layer_keys
 

@@ -12,37 +12,43 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from lib_attn.layers import LayerKey, LayerSelectorError, keys_from_module_names, select
-from lib_attn.methods import colorize, edit_mask, style, yoda
-from lib_attn.methods.colorize import ColorizePlan
-from lib_attn.methods.pag import PagPlan
+from lib_attn.layers import LayerKey, keys_from_module_names
+from lib_attn.methods import METHODS
+from lib_attn.methods.base import PlanContext
 from lib_attn.registry import PatchSet
-from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
+from lib_attn.settings import Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
 
 SESSION_ATTR = "_attn_toolkit_session"
 
 
-@dataclass(frozen=True)
 class PassPlan:
-    """What runs in one sampling pass (first pass or hires pass) on one UNet."""
+    """What runs in one sampling pass (first pass or hires pass) on one UNet: each method's plan, None where the
+    method is inactive in that pass (``plan.pag``, ``plan.of("pag")``)."""
 
-    is_hr_pass: bool
-    pag: PagPlan | None
-    colorize: ColorizePlan | None = None
-    style: style.StylePlan | None = None
-    edit: edit_mask.EditMaskPlan | None = None
-    yoda: yoda.YodaPlan | None = None
+    __slots__ = ("is_hr_pass", "plans")
+
+    def __init__(self, is_hr_pass: bool, plans: dict[str, Any]):
+        self.is_hr_pass = is_hr_pass
+        self.plans = plans
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.plans[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def of(self, name: str) -> Any:
+        return self.plans.get(name)
 
     @property
     def any(self) -> bool:
-        return any(m is not None for m in (self.pag, self.colorize, self.style, self.edit, self.yoda))
+        return any(p is not None for p in self.plans.values())
 
 
 def layer_keys(unet: nn.Module) -> list[LayerKey]:
@@ -58,15 +64,6 @@ def layer_widths(unet: nn.Module, keys: Iterable[LayerKey]) -> dict[LayerKey, in
     return out
 
 
-@contextlib.contextmanager
-def _selector_of(key: str):
-    """A layer selector that matches nothing becomes an error naming its field."""
-    try:
-        yield
-    except LayerSelectorError as e:
-        raise FIELD_BY_KEY[key].error(str(e)) from None
-
-
 def plan_pass(
     settings: Settings,
     is_hr_pass: bool,
@@ -74,74 +71,21 @@ def plan_pass(
     widths: dict[LayerKey, int] | None = None,
     img2img: bool = False,
 ) -> PassPlan:
-    """Build the plan for a pass; a bad layer selector raises a SettingsError naming the field.  ``img2img``:
-    the generation is an img2img one (masked upscaling acts on its pass; in txt2img only on the hires pass)."""
-    available = list(available)
-    with _selector_of("pag_layers"):
-        pag = PagPlan.build(settings.pag.for_pass(is_hr_pass), available)
-    col = None
-    c = settings.colorize
-    if c.enabled and not is_hr_pass:
-        with _selector_of("colorize_layers"):
-            col = colorize.build_plan(
-                guidance_scale=c.guidance,
-                strength=c.strength,
-                start=c.start,
-                end=c.end,
-                selector=c.layers,
-                available=available,
-                widths=widths or dict.fromkeys(available, 0),
-                fine=colorize.LayerParams(c.gamma_fine, c.beta_fine),
-                coarse=colorize.LayerParams(c.gamma_coarse, c.beta_coarse),
-            )
-    sty = None
-    st = settings.style.for_pass(is_hr_pass)
-    if st.enabled:
-        with _selector_of("style_layers"):
-            sty = style.build_plan(
-                strength=st.strength,
-                iters=st.iters,
-                start=st.start,
-                end=st.end,
-                selector=st.layers,
-                available=available,
-                tau=st.temperature,
-                content_weight=st.content_weight,
-                adain=st.adain,
-                checkpoint=st.checkpointing,
-            )
-    edit = None
-    e = settings.edit_mask
-    if e.enabled and not is_hr_pass:
-        with _selector_of("edit_mask_layers"):
-            edit = edit_mask.build_plan(
-                selector=e.layers,
-                available=available,
-                threshold=e.threshold,
-                object_sim=e.object_similarity,
-                other_sim=e.other_similarity,
-                grow=round(e.grow / 8),
-                blur=e.blur / 8,
-                batch_average=e.batch_average,
-            )
-    yo = None
-    y = settings.yoda
-    if y.enabled and (is_hr_pass or img2img):
-        source = "unet" if y.source == "unet" else "dino"
-        layers = (
-            tuple(select(edit_mask.default_selector(available), available, attn="attn1")) if source == "unet" else ()
-        )
-        if source == "unet" and not layers:
-            raise FIELD_BY_KEY["yoda_source"].error("this model has no self-attention layers to take a map from")
-        yo = yoda.YodaPlan(
-            start_coverage=y.start_coverage,
-            gamma=y.growth,
-            threshold=None if y.threshold >= 1.0 else y.threshold,
-            blur=y.blur / 8,
-            source=source,
-            layers=layers,
-        )
-    return PassPlan(is_hr_pass, pag, col, sty, edit, yo)
+    """Each method's plan for a pass; a bad layer selector raises a SettingsError naming the field.  ``img2img``:
+    the generation is an img2img one."""
+    available = tuple(available)
+    ctx = PlanContext(is_hr_pass, available, widths or {}, img2img)
+    return PassPlan(is_hr_pass, {m.name: m.plan(settings.section(m.name), ctx) for m in METHODS})
+
+
+def make_runs(p: Any, settings: Settings, services: Any) -> dict[str, Any]:
+    """The per-generation run object of each method that is switched on and keeps state (in method order; a bad
+    input raises the field's SettingsError)."""
+    runs = {}
+    for m in METHODS:
+        if m.run is not None and settings.section(m.name).enabled:
+            runs[m.name] = m.run(p, settings, services)
+    return runs
 
 
 class Session:

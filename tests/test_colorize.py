@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_attn import color
+from lib_attn import color, ops
 from lib_attn import settings as S
-from lib_attn.methods import colorize as col
+from lib_attn.methods.colorize import core as col
 from tests.fakes.a1111_double import a1111_host
 from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
 
@@ -66,7 +66,7 @@ def test_guidance_formula_and_adain():
     assert torch.allclose(col.colorization_guidance(a, b, 1.0), b, atol=1e-6)
     assert torch.allclose(col.colorization_guidance(a, b, 10.0), a + 10 * (b - a))
     x, ref = torch.randn(2, 4, 8, 8) * 3 + 1, torch.randn(1, 4, 8, 8) * 0.5 - 2
-    y = col.adain(x, ref)
+    y = ops.adain(x, ref)
     assert torch.allclose(y.mean((2, 3)), ref.mean((2, 3)).expand(2, 4), atol=1e-5)
     assert torch.allclose(y.std((2, 3)), ref.std((2, 3)).expand(2, 4), atol=1e-3)
 
@@ -150,7 +150,7 @@ def spy_inputs():
     """Keep the ColorizeInputs of the run (its latents and noise are inputs of the reference computation)."""
     import importlib
 
-    mod = importlib.import_module("lib_attn.host.colorize_io")  # the host package is re-imported per double
+    mod = importlib.import_module("lib_attn.methods.colorize.run")  # the host package is re-imported per double
     seen = []
     original = mod.ColorizeInputs.encode
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from lib_attn import settings as S
 from lib_attn.layers import keys_from_module_names
-from lib_attn.methods import edit_mask as em
+from lib_attn.methods.edit_mask import core as em
 from tests.fakes.a1111_double import a1111_host, info_of
 from tests.support.tiny import make_sd_model, make_unet
 from tests.test_colorize import photo
@@ -233,7 +233,7 @@ def test_outside_the_mask_the_latent_is_the_noised_source_at_every_step(monkeypa
 
 def record_finals(monkeypatch):
     """The mask and source of each batch when it ends (EditMaskRun is host-free)."""
-    from lib_attn.host import edit_mask_io
+    from lib_attn.methods.edit_mask import run as edit_mask_io
 
     finals = []
     orig = edit_mask_io.EditMaskRun.finish_batch

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from lib_attn import guidance
+from lib_attn import ops
 from lib_attn.layers import LayerKey
-from lib_attn.methods.pag import PagPlan
-from lib_attn.settings import PagSettings
+from lib_attn.methods.pag import METHOD as PAG
+from lib_attn.methods.pag import core as guidance
+from lib_attn.methods.pag.core import PagPlan
+
+PagSettings = PAG.settings_class
 
 
 def test_cfg_pag_formula():
@@ -19,12 +22,13 @@ def test_cfg_pag_formula():
     assert torch.allclose(guidance.cfg_pag(None, c, p, 1.0, 2.0), c + 2.0 * (c - p))
 
 
-def test_step_fraction_and_interval():
-    assert guidance.step_fraction(0, 20) == 0.0
-    assert guidance.step_fraction(19, 20) == 1.0
-    assert guidance.step_fraction(0, 1) == 0.0
-    assert guidance.in_interval(0.5, 0.5, 0.5)
-    assert not guidance.in_interval(0.51, 0.0, 0.5)
+def test_progress_and_interval():
+    assert ops.progress(0, 20) == 0.0
+    assert ops.progress(19, 20) == 1.0
+    assert ops.progress(0, 1) == 0.0
+    assert ops.progress(0, 1, single=1.0) == 1.0
+    assert ops.in_interval(0.5, 0.5, 0.5)
+    assert not ops.in_interval(0.51, 0.0, 0.5)
 
 
 def test_adaptive_scale_matches_diffusers_definition():

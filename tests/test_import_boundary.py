@@ -43,7 +43,7 @@ def test_importing_core_pulls_no_host(tmp_path):
 
     code = (
         "import sys, lib_attn, lib_attn.settings, lib_attn.layers, lib_attn.batch, lib_attn.registry, "
-        "lib_attn.guidance, lib_attn.session, lib_attn.methods.pag, lib_attn.host\n"
+        "lib_attn.ops, lib_attn.session, lib_attn.methods, lib_attn.methods.pag.core, lib_attn.host\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in {'modules','backend','ldm_patched','gradio','launch'}]\n"
         "assert not bad, bad\n"
     )

@@ -69,9 +69,23 @@ EXAMPLE_ALL = {
 }
 
 
-def test_table_matches_dataclasses():
+def test_positional_order_never_moves():
+    """The positional API order is append-only: today's 53 entries keep their indices (tests/golden/positional.json
+    was written from the table before the methods moved into their folders); new fields only come after them."""
+    import json
+    import pathlib
+
+    recorded = json.loads((pathlib.Path(__file__).parent / "golden" / "positional.json").read_text())
+    assert [f.api_name for f in S.FIELDS][: len(recorded)] == recorded
+    assert len({f.api_name for f in S.FIELDS}) == len(S.FIELDS)
+    assert {f.section for f in S.FIELDS} == set(S.SECTIONS)
+
+
+def test_section_classes_follow_the_fields():
+    from lib_attn.methods import BY_NAME
+
     for section in S.SECTIONS:
-        cls = S._SECTION_CLASSES[section]
+        cls = BY_NAME[section].settings_class
         names = [f.name for f in S.fields_of(section)]
         assert names == [f.name for f in __import__("dataclasses").fields(cls)]
         for f in S.fields_of(section):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from lib_attn import color
 from lib_attn import settings as S
-from lib_attn.methods import style
+from lib_attn.methods.style import core as style
 from lib_attn.registry import PatchSet
 from tests.fakes.a1111_double import a1111_host
 from tests.fakes.forge_env import forge_host

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lib_attn import settings as S
-from lib_attn.methods import dino
-from lib_attn.methods import yoda as yd
+from lib_attn.methods.yoda import core as yd
+from lib_attn.methods.yoda import dino
 from tests.fakes.a1111_double import a1111_host
 from tests.test_colorize import photo
 from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
@@ -65,7 +65,7 @@ def spy(monkeypatch, host="a1111"):
 
 def masks_of(monkeypatch):
     """Every mask the run makes, per pass, in call order (YodaRun is host-free)."""
-    from lib_attn.host import yoda_io
+    from lib_attn.methods.yoda import run as yoda_io
 
     passes = [[]]
     orig_mask, orig_begin = yoda_io.YodaRun.mask_for, yoda_io.YodaRun.begin_pass
@@ -298,7 +298,7 @@ def test_with_the_edit_mask_the_masks_multiply(monkeypatch):
     with a1111_host("sd1", dtype=torch.float64) as h:
         h.load_script(SCRIPT)
         seen = spy(monkeypatch)
-        edit_io = importlib.import_module("lib_attn.host.edit_mask_io")
+        edit_io = importlib.import_module("lib_attn.methods.edit_mask.run")
         edit_masks = []
         orig = edit_io.EditMaskRun.update
 
@@ -361,7 +361,7 @@ def test_an_exception_mid_pass_leaves_nothing_behind(monkeypatch):
     init = photo("cheetah1.jpg")
     with a1111_host("sd1") as h:
         h.load_script(SCRIPT)
-        yoda_io = importlib.import_module("lib_attn.host.yoda_io")
+        yoda_io = importlib.import_module("lib_attn.methods.yoda.run")
         calls = {"n": 0}
         orig = yoda_io.YodaRun.blend_denoised
 
@@ -415,7 +415,7 @@ def test_forge_an_exception_in_the_denoiser_callback_fails_the_generation(monkey
     init = photo("cheetah1.jpg")
     with forge_host() as h:
         h.load_script(SCRIPT)
-        yoda_io = importlib.import_module("lib_attn.host.yoda_io")
+        yoda_io = importlib.import_module("lib_attn.methods.yoda.run")
         orig = yoda_io.YodaRun.blend_input
 
         def boom(self, *a):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_attn.methods import dino
-from lib_attn.methods import yoda as Y
+from lib_attn.methods.yoda import core as Y
+from lib_attn.methods.yoda import dino
 
 SCHEDULES = [
     Y.YodaPlan(start_coverage=0.25, gamma=1.0),
@@ -45,10 +45,10 @@ def test_coverage_schedule_values():
 
 
 def test_progress_ends():
-    assert Y.progress(0, 10) == 0.0
-    assert Y.progress(9, 10) == 1.0
-    assert Y.progress(3, 7) == pytest.approx(0.5)
-    assert Y.progress(0, 1) == 1.0  # a one-step pass is its own last step
+    assert Y.progress(0, 10, single=1.0) == 0.0
+    assert Y.progress(9, 10, single=1.0) == 1.0
+    assert Y.progress(3, 7, single=1.0) == pytest.approx(0.5)
+    assert Y.progress(0, 1, single=1.0) == 1.0  # a one-step pass is its own last step
 
 
 @pytest.mark.parametrize("plan", SCHEDULES)

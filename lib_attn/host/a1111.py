@@ -34,16 +34,18 @@ from modules import script_callbacks, shared
 from torch import nn
 
 from lib_attn import batch as batchmod
+from lib_attn import ops
 from lib_attn.batch import BatchLayout
-from lib_attn.guidance import pag_delta
-from lib_attn.host import colorize_io, edit_mask_io, style_io, yoda_io
-from lib_attn.methods import colorize as col
-from lib_attn.methods import edit_mask as em
-from lib_attn.methods import style
-from lib_attn.methods import yoda as yd
-from lib_attn.methods.pag import identity_attention
+from lib_attn.host.services import SERVICES
+from lib_attn.methods.colorize import core as col
+from lib_attn.methods.edit_mask import core as em
+from lib_attn.methods.edit_mask import run as edit_mask_io
+from lib_attn.methods.pag.core import identity_attention, pag_delta
+from lib_attn.methods.style import core as style
+from lib_attn.methods.style import run as style_io
+from lib_attn.methods.yoda import core as yd
 from lib_attn.registry import clean_leftovers
-from lib_attn.session import Session, attach, check_settings_against, layer_keys, layer_widths, plan_pass
+from lib_attn.session import Session, attach, check_settings_against, layer_keys, layer_widths, make_runs, plan_pass
 from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
@@ -106,12 +108,13 @@ class A1111Session(Session):
         self._call: tuple[int, int] | None = None
         self._prepass: BatchLayout | None = None  # colorize capture call in progress
         self._shared_layers: set[str] = set()
-        self.colorize = colorize_io.ColorizeInputs.prepare(p, settings) if settings.colorize.enabled else None
-        self.style = style_io.StyleInputs.prepare(p, settings) if settings.style.enabled else None
+        self.runs = make_runs(p, settings, SERVICES)
+        self.colorize = self.runs.get("colorize")
+        self.style = self.runs.get("style")
         self.recorder = style.Recorder()
         self.style_losses: list[list[float]] = []  # per guided step, the loss at each inner iteration
-        self.edit = edit_mask_io.EditMaskRun.prepare(p, settings) if settings.edit_mask.enabled else None
-        self.yoda = yoda_io.YodaRun.prepare(p, settings) if settings.yoda.enabled else None
+        self.edit = self.runs.get("edit_mask")
+        self.yoda = self.runs.get("yoda")
         self._img2img = bool(getattr(p, "init_images", None))
         self._yoda_pass: bool | None = None  # is_hr_pass of the pass the YODA run follows
         self._latent_hw: tuple[int, int] = (0, 0)  # of the UNet call in progress
@@ -125,7 +128,7 @@ class A1111Session(Session):
             clean_leftovers(unet)
             check_settings_against(unet, self.settings, img2img=self._img2img)
         if self.colorize is not None:
-            self.colorize.encode(self.p, _encode)
+            self.colorize.encode(self.p, SERVICES.encode)
         if self.style is not None:
             self.style.begin(self.p)
         if self.edit is not None:
@@ -220,9 +223,9 @@ class A1111Session(Session):
                 for block in style.blocks(unet):
                     self.patches.wrap_forward(block, style.checkpointed(self.recorder))
             self.patches.wrap_forward(unet, self._style_unet)
-        if self.plan.edit is not None and self.edit is not None:
-            self.edit.plan = self.plan.edit
-            for key_ in self.plan.edit.layers:
+        if self.plan.edit_mask is not None and self.edit is not None:
+            self.edit.plan = self.plan.edit_mask
+            for key_ in self.plan.edit_mask.layers:
                 self.patches.wrap_forward(unet.get_submodule(key_.module_path), self._edit_attn2)
         if self.plan.any:
             self.patches.add_handle(unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
@@ -241,7 +244,7 @@ class A1111Session(Session):
             pag_scale = plan.pag.scale_at(self.step, self.total_steps, self._timestep(den, params.sigma))
         colorize = plan.colorize is not None and plan.colorize.active_at(self.step, self.total_steps)
         styled = plan.style is not None and plan.style.active_at(self.step, self.total_steps)
-        edit = plan.edit is not None and self.edit is not None and self.error is None
+        edit = plan.edit_mask is not None and self.edit is not None and self.error is None
         yoda = plan.yoda is not None and self.yoda is not None and self.error is None
         if pag_scale <= 0 and not colorize and not styled and not edit and not yoda:
             return
@@ -418,7 +421,7 @@ class A1111Session(Session):
         if not isinstance(z0, torch.Tensor) or _rows(z0) != layout.n_images or _rows(params.x) != rows:
             self.fail(FIELD_BY_KEY["yoda_enabled"].error("this sampling pass has no source latent to upscale"))
             return None
-        at = (int(getattr(den, "step", self.step)), yoda_io.pass_calls(den))
+        at = (int(getattr(den, "step", self.step)), SERVICES.pass_calls(den))
         if not run.started:
             noise = _noise_of(den, params.x[first], z0.to(params.x), params.sigma[first])
             try:
@@ -540,7 +543,7 @@ class A1111Session(Session):
         """One capture call (no grad): the references (and the img2img content) noised to this step's level."""
         plan, si, rec = self.plan.style, self.style, self.recorder
         x, sigma, text, ic = inp["x"], inp["sigma"], inp["text"], inp["image_cond"]
-        z_ref = si.latents(self.p, _encode, x.shape, x)
+        z_ref = si.latents(self.p, SERVICES.encode, x.shape, x)
         rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, self.step, plan.content_weight > 0)
         rec.clear()
         x_cap = _noised(den, clean, noise, sigma[owner])
@@ -605,8 +608,8 @@ class A1111Session(Session):
         denoised = _to_denoised(den, x, sigma, out)
         target = denoised
         if plan.adain:
-            z_ref = si.latents(self.p, _encode, x.shape, x)
-            target = col.adain(denoised.float(), z_ref[si.ref_index(n)].float()).to(denoised.dtype)
+            z_ref = si.latents(self.p, SERVICES.encode, x.shape, x)
+            target = ops.adain(denoised.float(), z_ref[si.ref_index(n)].float()).to(denoised.dtype)
         if not st.style_reuse:
             self._style_capture(den, inp)
         unet = current_unet(den)
@@ -994,13 +997,6 @@ def _from_denoised(den: Any, x: torch.Tensor, sigma: torch.Tensor, d: torch.Tens
         return d
     a = _alpha(den, sigma, x)
     return (x - a.sqrt() * d) / (1 - a).sqrt()
-
-
-def _encode(p: Any, images: torch.Tensor) -> torch.Tensor:
-    """VAE-encode images (B, 3, H, W) in [0, 1] the way the host does for img2img."""
-    from modules import sd_samplers_common
-
-    return sd_samplers_common.images_tensor_to_samples(images, None, p.sd_model)
 
 
 def _slice(v: Any, n: int, a: int, b: int) -> Any:

@@ -21,13 +21,25 @@ from typing import Any
 import torch
 from modules import script_callbacks
 
-from lib_attn.host import colorize_io, edit_mask_io, style_io, yoda_io
-from lib_attn.methods import colorize as col
-from lib_attn.methods import edit_mask as em
-from lib_attn.methods import style
-from lib_attn.methods import yoda as yd
+from lib_attn import ops
+from lib_attn.host.services import SERVICES
+from lib_attn.methods.colorize import core as col
+from lib_attn.methods.edit_mask import core as em
+from lib_attn.methods.edit_mask import run as edit_mask_io
+from lib_attn.methods.style import core as style
+from lib_attn.methods.style import run as style_io
+from lib_attn.methods.yoda import core as yd
 from lib_attn.registry import clean_leftovers
-from lib_attn.session import Session, attach, check_settings_against, get, layer_keys, layer_widths, plan_pass
+from lib_attn.session import (
+    Session,
+    attach,
+    check_settings_against,
+    get,
+    layer_keys,
+    layer_widths,
+    make_runs,
+    plan_pass,
+)
 from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
@@ -72,12 +84,6 @@ def _with_transformer_option(model_options: dict, key: str, value: Any) -> dict:
     return out
 
 
-def _encode(p: Any, images: Any) -> Any:
-    from modules import sd_samplers_common
-
-    return sd_samplers_common.images_tensor_to_samples(images, None, p.sd_model)
-
-
 def _identity_attention(q: Any, k: Any, v: Any, extra_options: Any = None, **kwargs: Any) -> Any:
     """attn1 replace patch: the identity attention map gives every token its own value."""
     return v
@@ -96,18 +102,19 @@ class ForgeSession(Session):
     def __init__(self, p: Any, settings: Settings):
         super().__init__(settings)
         self.p = p
-        self.colorize = colorize_io.ColorizeInputs.prepare(p, settings) if settings.colorize.enabled else None
+        self.runs = make_runs(p, settings, SERVICES)
+        self.colorize = self.runs.get("colorize")
         self._feats: dict = {}  # colorize: forge key -> {stream: {source: (q, k, v)}}
         self._feats_sigma: float | None = None
         self._col_params: dict = {}
-        self.style = style_io.StyleInputs.prepare(p, settings) if settings.style.enabled else None
+        self.style = self.runs.get("style")
         self.recorder = style.Recorder()
         self._style_keys: set = set()
         self.style_losses: list[list[float]] = []
-        self.edit = edit_mask_io.EditMaskRun.prepare(p, settings) if settings.edit_mask.enabled else None
+        self.edit = self.runs.get("edit_mask")
         self._edit_seen: set = set()  # (step, layer) pairs whose maps are in: one call per step counts
         self._inpainting = False  # the edit mask's final inpainting pass runs unpatched
-        self.yoda = yoda_io.YodaRun.prepare(p, settings) if settings.yoda.enabled else None
+        self.yoda = self.runs.get("yoda")
         self._img2img = bool(getattr(p, "init_images", None))
         self._yoda_keys: set = set()
         self._yoda_seen: set = set()  # (step, layer) pairs whose saliency is in (the "unet" source)
@@ -127,7 +134,7 @@ class ForgeSession(Session):
                 "which makes recomputed gradients wrong); use auto or off"
             )
         if self.colorize is not None:
-            self.colorize.encode(self.p, _encode)
+            self.colorize.encode(self.p, SERVICES.encode)
         if self.style is not None:
             self.style.begin(self.p)
         if self.edit is not None:
@@ -169,7 +176,7 @@ class ForgeSession(Session):
     def on_cfg_denoiser(self, params: Any) -> None:
         self.step, self.total_steps = params.sampling_step, params.total_sampling_steps
         self._yoda_at = None
-        if self.edit is not None and self.plan is not None and self.plan.edit is not None and self.error is None:
+        if self.edit is not None and self.plan is not None and self.plan.edit_mask is not None and self.error is None:
             self._edit_input(params)
         if self.yoda is not None and self.plan is not None and self.plan.yoda is not None and self.error is None:
             self._yoda_input(params)
@@ -184,7 +191,7 @@ class ForgeSession(Session):
         if not isinstance(z0, torch.Tensor) or z0.shape[0] != x.shape[0]:
             self.fail(FIELD_BY_KEY["yoda_enabled"].error("this sampling pass has no source latent to upscale"))
             return
-        at = (int(getattr(den, "step", self.step)), yoda_io.pass_calls(den))
+        at = (int(getattr(den, "step", self.step)), SERVICES.pass_calls(den))
         self._yoda_at = at
         view = (-1, 1, 1, 1)
         if not run.started:
@@ -319,10 +326,10 @@ class ForgeSession(Session):
             self._style_keys = {k.forge_key for k in self.plan.style.layers}
         for key in set(self._col_params) | self._style_keys | self._yoda_keys:
             clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
-        if self.plan.edit is not None and self.edit is not None:
-            self.edit.plan = self.plan.edit
+        if self.plan.edit_mask is not None and self.edit is not None:
+            self.edit.plan = self.plan.edit_mask
             self._edit_seen = set()
-            for k in self.plan.edit.layers:
+            for k in self.plan.edit_mask.layers:
                 clone.set_model_patch_replace(self._edit_attn2_patch, "attn2", *k.forge_key)
         fo.unet = clone
 
@@ -354,7 +361,11 @@ class ForgeSession(Session):
                 denoised = denoised + self._style_delta(args, denoised)
             except Exception as e:  # the host would log and drop it: fail the generation with the cause
                 self.fail(style_io.error_for(e))
-        if plan.edit is not None and self.edit is not None and self.edit.update(tuple(denoised.shape[-2:])) is not None:
+        if (
+            plan.edit_mask is not None
+            and self.edit is not None
+            and self.edit.update(tuple(denoised.shape[-2:])) is not None
+        ):
             denoised = self.edit.blend_denoised(denoised)
         at = self._yoda_at
         yoda_on = plan.yoda is not None and self.yoda is not None and at is not None and self.error is None
@@ -372,9 +383,9 @@ class ForgeSession(Session):
         conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
         with torch.inference_mode(False):
             x, sigma, d = args["input"].clone(), args["sigma"].clone(), denoised.clone()
-            z_ref = si.latents(self.p, _encode, x.shape, x).clone()
+            z_ref = si.latents(self.p, SERVICES.encode, x.shape, x).clone()
             rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, self.step, plan.content_weight > 0)
-            target = col.adain(d.float(), z_ref[ref_of].float()).to(d.dtype) if plan.adain else d
+            target = ops.adain(d.float(), z_ref[ref_of].float()).to(d.dtype) if plan.adain else d
             x_cap = clean + noise * sigma[owner].view(-1, 1, 1, 1)
         options = _with_transformer_option(args["model_options"], _MODE, "off")
         calc = _calc_cond_uncond_batch()

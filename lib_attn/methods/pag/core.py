@@ -9,13 +9,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from lib_attn import guidance
 from lib_attn.layers import LayerKey, select
-from lib_attn.settings import PagSettings
+from lib_attn.ops import active_at
+
+Tensor = torch.Tensor
+
+
+def adaptive_scale(scale: float, adaptive: float, timestep: float) -> float:
+    """diffusers' ``pag_adaptive_scale``: ``max(0, scale - adaptive * (1000 - t))``."""
+    if adaptive <= 0:
+        return scale
+    return max(0.0, scale - adaptive * (1000.0 - float(timestep)))
+
+
+def pag_delta(cond: Tensor, perturbed: Tensor, scale: float) -> Tensor:
+    """The PAG term ``s * (cond - perturbed)``; shapes (B, C, H, W)."""
+    return (cond - perturbed) * scale
+
+
+def cfg_pag(uncond: Tensor | None, cond: Tensor, perturbed: Tensor, cfg_scale: float, pag_scale: float) -> Tensor:
+    """Reference combination ``uncond + cfg*(cond - uncond) + s*(cond - perturbed)``.
+
+    Without an unconditional prediction (CFG 1, or no uncond), ``cond + s*(cond - perturbed)``.
+    """
+    base = cond if uncond is None else uncond + (cond - uncond) * cfg_scale
+    return base + pag_delta(cond, perturbed, pag_scale)
 
 
 @dataclass(frozen=True)
@@ -29,7 +52,7 @@ class PagPlan:
     layers: tuple[LayerKey, ...]
 
     @classmethod
-    def build(cls, settings: PagSettings, available: Sequence[LayerKey]) -> PagPlan | None:
+    def build(cls, settings: Any, available: Sequence[LayerKey]) -> PagPlan | None:
         """None when PAG is off for this pass.  Raises LayerSelectorError for a bad selector."""
         if not settings.enabled or settings.scale <= 0:
             return None
@@ -38,11 +61,11 @@ class PagPlan:
 
     def scale_at(self, step: int, total: int, timestep: float | None) -> float:
         """Effective scale at a step (0 outside the interval or once the adaptive scale hits 0)."""
-        if not guidance.in_interval(guidance.step_fraction(step, total), self.start, self.end):
+        if not active_at(step, total, self.start, self.end):
             return 0.0
         if timestep is None or self.adaptive_scale <= 0:
             return self.scale
-        return guidance.adaptive_scale(self.scale, self.adaptive_scale, timestep)
+        return adaptive_scale(self.scale, self.adaptive_scale, timestep)
 
 
 def identity_attention(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_attn.methods.yoda import normalize_map
+from lib_attn.methods.yoda.core import normalize_map
 
 Tensor = torch.Tensor
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lib_attn.methods import edit_mask as em
-from lib_attn.settings import FIELD_BY_KEY, EditMaskSettings, Settings
+from lib_attn.methods.edit_mask import core as em
+from lib_attn.settings import FIELD_BY_KEY, Settings
 
 Tensor = torch.Tensor
 
@@ -45,7 +45,7 @@ def token_counter(sd_model: Any) -> Callable[[str], int]:
 class EditMaskRun:
     """State of the automatic edit mask over one generation (all its batches)."""
 
-    def __init__(self, settings: EditMaskSettings):
+    def __init__(self, settings: Any):
         self.settings = settings
         self.plan: em.EditMaskPlan | None = None
         self.results: list[Tensor] = []  # final (h, w) masks of every image so far, in output order

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_attn import guidance
 from lib_attn.layers import LayerKey, select
+from lib_attn.ops import active_at, heads, merge_heads, sdpa
 
 Tensor = torch.Tensor
 
@@ -47,22 +47,6 @@ class Features:
     k_refg: Tensor  # gray reference keys, one row per reference
     k_ref: Tensor  # colour reference keys
     v_ref: Tensor  # colour reference values
-
-
-def heads(t: Tensor, h: int) -> Tensor:
-    """(B, N, C) -> (B, h, N, C/h)."""
-    b, n, c = t.shape
-    return t.view(b, n, h, c // h).transpose(1, 2)
-
-
-def merge_heads(t: Tensor) -> Tensor:
-    """(B, h, N, d) -> (B, N, h*d)."""
-    b, h, n, d = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * d)
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def dual_attention(
@@ -88,16 +72,16 @@ def dual_attention(
     d = q.shape[-1] // n_heads
     scale = d**-0.5
     if gamma >= 1:  # gray-to-gray only: the map does not depend on the live row
-        out = _sdpa(heads(q_in, n_heads), heads(k_refg, n_heads), heads(v_ref, n_heads), scale)
+        out = sdpa(heads(q_in, n_heads), heads(k_refg, n_heads), heads(v_ref, n_heads), scale)
     elif gamma <= 0:
-        out = _sdpa(heads(q, n_heads), heads(k_ref, n_heads), heads(v_ref, n_heads), scale)
+        out = sdpa(heads(q, n_heads), heads(k_ref, n_heads), heads(v_ref, n_heads), scale)
     else:
         a, b = math.sqrt(gamma), math.sqrt(1.0 - gamma)
         qq = torch.cat([heads(q_in, n_heads) * a, heads(q, n_heads) * b], dim=-1)
         kk = torch.cat([heads(k_refg, n_heads) * a, heads(k_ref, n_heads) * b], dim=-1)
-        out = _sdpa(qq, kk, heads(v_ref, n_heads), scale)
+        out = sdpa(qq, kk, heads(v_ref, n_heads), scale)
     if beta:
-        own = _sdpa(heads(q_in, n_heads), heads(k_in, n_heads), heads(v, n_heads), scale)
+        own = sdpa(heads(q_in, n_heads), heads(k_in, n_heads), heads(v, n_heads), scale)
         out = out * (1.0 - beta) + own * beta
     return merge_heads(out)
 
@@ -122,14 +106,6 @@ def resize_spatial(t: Tensor, size: tuple[int, int]) -> Tensor:
 def colorization_guidance(plain: Tensor, transferred: Tensor, scale: float) -> Tensor:
     """``nc + w * (ct - nc)``; equal to ``transferred`` at ``w = 1``."""
     return plain + (transferred - plain) * scale
-
-
-def adain(x: Tensor, ref: Tensor, eps: float = 1e-5) -> Tensor:
-    """Per-channel mean/std of ``x`` (B, C, H, W) matched to ``ref`` (1 or B, C, H, W), per image."""
-    dims = (2, 3)
-    mx, sx = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
-    mr, sr = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
-    return (x - mx) / (sx + eps) * sr + mr
 
 
 def match_chroma_stats(lab: Tensor, ref_lab: Tensor) -> Tensor:
@@ -163,7 +139,7 @@ class ColorizePlan:
     params: tuple[LayerParams, ...]  # per layer
 
     def active_at(self, step: int, total: int) -> bool:
-        return guidance.in_interval(guidance.step_fraction(step, total), self.start, self.end)
+        return active_at(step, total, self.start, self.end)
 
     @property
     def needs_plain_rows(self) -> bool:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lib_attn.methods import dino
-from lib_attn.methods import yoda as yd
-from lib_attn.settings import FIELD_BY_KEY, Settings, YodaSettings
+from lib_attn.methods.yoda import core as yd
+from lib_attn.methods.yoda import dino
+from lib_attn.settings import FIELD_BY_KEY, Settings
 
 log = logging.getLogger("lib_attn")
 Tensor = torch.Tensor
@@ -36,21 +36,13 @@ DINO_SIDE = 224  # DINO's training scale; the RGB preview it sees has the latent
 _MODELS: dict[str, torch.nn.Module] = {}  # loaded DINO models by name (a model cache, like the WebUI's own)
 
 
-def models_dir() -> str:
-    """``<WebUI models folder>/dino``."""
-    from modules import paths
-
-    return os.path.join(paths.models_path, "dino")
-
-
-def load_dino(name: str, folder: str | None = None) -> torch.nn.Module:
+def load_dino(name: str, folder: str) -> torch.nn.Module:
     """The DINO model ``name`` (a key of :data:`DINO_REPOS`): from ``folder/<name>`` when it holds a saved model,
     else from the Hugging Face hub into ``folder`` (the WebUI's ``models/dino``; offline: only what is there).
     A model that cannot be had raises a SettingsError naming ``yoda.source``."""
     if name in _MODELS:
         return _MODELS[name]
     field = FIELD_BY_KEY["yoda_source"]
-    folder = folder or models_dir()
     local = os.path.join(folder, name)
     try:
         if os.path.isfile(os.path.join(local, "config.json")):
@@ -74,52 +66,26 @@ def load_dino(name: str, folder: str | None = None) -> torch.nn.Module:
     return model
 
 
-def pass_calls(den: Any) -> int:
-    """Model calls the CFG denoiser ``den`` makes in this pass.  ``total_steps`` is the host's own count
-    (``config.total_steps``: twice the steps for second-order samplers); two host habits are allowed for, so that
-    full coverage comes no later than the last call: second-order samplers (Heun, DPM2, DPM++ SDE) evaluate once,
-    not twice, at their last step (its next sigma is 0), and A1111's timestep samplers (DDIM/PLMS/UniPC, also in
-    Forge) launch ``t_enc + 1`` steps in an img2img pass but loop ``len(timesteps) - 1 = t_enc - 1`` times."""
-    total = int(getattr(den, "total_steps", 0) or 0)
-    sampler = getattr(den, "sampler", None)
-    options = getattr(getattr(sampler, "config", None), "options", None) or {}
-    if options.get("second_order"):
-        total -= 1
-    if type(sampler).__module__.rsplit(".", 1)[-1] == "sd_samplers_timesteps":
-        total -= 2
-    return max(total, 1)
-
-
-def latent_rgb(p: Any, z: Tensor) -> Tensor:
-    """The host's cheap RGB preview of latents (approximation "Approx cheap": a linear map per latent pixel, no
-    network), in [0, 1], (B, 3, h, w) at latent resolution."""
-    from modules import sd_samplers_common
-
-    with torch.no_grad():
-        # float32: the hosts' coefficient tensors are float32 and einsum does not mix dtypes (fp16 init latents)
-        rgb = sd_samplers_common.samples_to_images_tensor(z.float(), 2, getattr(p, "sd_model", None))
-    return ((rgb.float() + 1) / 2).clamp(0, 1)
-
-
 class YodaRun:
     """State of masked upscaling over one generation (all its batches and passes)."""
 
-    def __init__(self, settings: YodaSettings, model: torch.nn.Module | None = None):
+    def __init__(self, settings: Any, model: torch.nn.Module | None = None, services: Any = None):
         self.settings = settings
+        self.services = services
         self.model = model
         self.plan: yd.YodaPlan | None = None
         self.previews: list[Image.Image] = []
         self._reset()
 
     @classmethod
-    def prepare(cls, p: Any, settings: Settings) -> YodaRun:
+    def prepare(cls, p: Any, settings: Settings, services: Any) -> YodaRun:
         y = settings.yoda
         if not getattr(p, "init_images", None) and not getattr(p, "enable_hr", False):
             raise FIELD_BY_KEY["yoda_enabled"].error(
                 "in txt2img masked upscaling acts on the hires-fix pass: switch Hires. fix on (or use img2img)"
             )
-        model = load_dino(y.source) if y.source in DINO_REPOS else None
-        return cls(y, model)
+        model = load_dino(y.source, services.models_dir("dino")) if y.source in DINO_REPOS else None
+        return cls(y, model, services)
 
     def _reset(self) -> None:
         self.z0: Tensor | None = None
@@ -145,7 +111,7 @@ class YodaRun:
         self.z0 = z0.detach().clone()
         self.noise = noise.detach().clone()
         if self.plan is not None and self.plan.source == "dino":
-            self.amap = self.dino_map(latent_rgb(p, self.z0), tuple(z0.shape[-2:]))
+            self.amap = self.dino_map(self.services.latent_rgb(p, self.z0), tuple(z0.shape[-2:]))
 
     def dino_map(self, rgb: Tensor, latent_hw: tuple[int, int]) -> Tensor:
         """DINO [CLS] attention of images (B, 3, H, W) in [0, 1], brought to the latent grid: (B, 1, h, w).  The

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lib_attn.ops import progress
+
 Tensor = torch.Tensor
 
 SOURCES = ("dino", "unet")
@@ -84,18 +86,11 @@ class YodaPlan:
 
     def coverage_at(self, step: int, total_steps: int) -> float:
         """Target covered share at a step: :func:`coverage_threshold` of :func:`progress`."""
-        return coverage_threshold(progress(step, total_steps), self.start_coverage, self.gamma)
+        return coverage_threshold(progress(step, total_steps, single=1.0), self.start_coverage, self.gamma)
 
     def mask_at(self, attn_map: Tensor, step: int, total_steps: int) -> Tensor:
         """The mask to blend with at a step: :func:`mask_at` feathered by ``blur``; (B, 1, h, w) in [0, 1]."""
         return feather(mask_at(attn_map, step, total_steps, self), self.blur)
-
-
-def progress(step: int, total_steps: int) -> float:
-    """``step / (total_steps - 1)`` clipped to [0, 1]; 1 for the last step (and for a one-step pass)."""
-    if total_steps <= 1 or step >= total_steps - 1:
-        return 1.0
-    return min(max(step / (total_steps - 1), 0.0), 1.0)
 
 
 def coverage_threshold(progress: float, start_coverage: float, gamma: float) -> float:

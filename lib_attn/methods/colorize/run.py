@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lib_attn import color
-from lib_attn.methods import colorize as col
+from lib_attn import color, ops
+from lib_attn.methods.colorize import core as col
 from lib_attn.settings import FIELD_BY_KEY, Settings
 
 NOISE_OFFSET = 7919  # the reference streams' noise is seeded apart from the input stream's
@@ -101,7 +101,7 @@ class ColorizeInputs:
         self.noise_ref = torch.stack([_noise(self.z_ref.shape[1:], seeds[o] + NOISE_OFFSET) for o in owners])
         if self.adain:
             idx = self.ref_index(self.z_in.shape[0])
-            p.init_latent = col.adain(self.z_in, self.z_ref[idx]).to(self.z_in.dtype)
+            p.init_latent = ops.adain(self.z_in, self.z_ref[idx]).to(self.z_in.dtype)
 
     def finish(self, index: int, image: Image.Image) -> Image.Image:
         """The output image for batch position ``index``: chroma from ``image``, lightness from the original."""

@@ -26,13 +26,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from lib_attn import guidance
 from lib_attn.layers import LayerKey, select
-from lib_attn.methods.colorize import default_selector, heads, merge_heads
+from lib_attn.methods.colorize.core import default_selector
+from lib_attn.ops import active_at, heads, merge_heads, sdpa
 
 Tensor = torch.Tensor
 
@@ -42,9 +41,7 @@ CHECKPOINT_MODES = ("auto", "on", "off")
 def attention(q: Tensor, k: Tensor, v: Tensor, n_heads: int, q_scale: float = 1.0) -> Tensor:
     """softmax((q_scale * Q) K^T / sqrt(d)) V per head; (B, N, C) in, (B, N, C) out."""
     d = q.shape[-1] // n_heads
-    out = F.scaled_dot_product_attention(
-        heads(q, n_heads) * q_scale, heads(k, n_heads), heads(v, n_heads), scale=d**-0.5
-    )
+    out = sdpa(heads(q, n_heads) * q_scale, heads(k, n_heads), heads(v, n_heads), d**-0.5)
     return merge_heads(out)
 
 
@@ -307,7 +304,7 @@ class StylePlan:
     checkpoint: bool
 
     def active_at(self, step: int, total: int) -> bool:
-        return guidance.in_interval(guidance.step_fraction(step, total), self.start, self.end)
+        return active_at(step, total, self.start, self.end)
 
 
 def build_plan(

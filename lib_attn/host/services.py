@@ -1,0 +1,59 @@
+"""What the methods' run objects ask of the WebUI, in one place: VAE encoding, the models folder, the cheap latent
+preview and the sampler's call count.  Each function imports the host's modules when called (A1111 and the
+Forge family share these modules)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+class HostServices:
+    """Passed to every method's run object; tests may give a stand-in."""
+
+    @staticmethod
+    def encode(p: Any, images: torch.Tensor) -> torch.Tensor:
+        """VAE-encode images (B, 3, H, W) in [0, 1] the way the host does for img2img."""
+        from modules import sd_samplers_common
+
+        return sd_samplers_common.images_tensor_to_samples(images, None, p.sd_model)
+
+    @staticmethod
+    def models_dir(name: str) -> str:
+        """``<WebUI models folder>/<name>``."""
+        from modules import paths
+
+        return os.path.join(paths.models_path, name)
+
+    @staticmethod
+    def latent_rgb(p: Any, z: torch.Tensor) -> torch.Tensor:
+        """The host's cheap RGB preview of latents (approximation "Approx cheap": a linear map per latent pixel, no
+        network), in [0, 1], (B, 3, h, w) at latent resolution."""
+        from modules import sd_samplers_common
+
+        with torch.no_grad():
+            # float32: the hosts' coefficient tensors are float32 and einsum does not mix dtypes (fp16 init latents)
+            rgb = sd_samplers_common.samples_to_images_tensor(z.float(), 2, getattr(p, "sd_model", None))
+        return ((rgb.float() + 1) / 2).clamp(0, 1)
+
+    @staticmethod
+    def pass_calls(den: Any) -> int:
+        """Model calls the CFG denoiser ``den`` makes in this pass.  ``total_steps`` is the host's own count
+        (``config.total_steps``: twice the steps for second-order samplers); two host habits are allowed for, so
+        that full coverage comes no later than the last call: second-order samplers (Heun, DPM2, DPM++ SDE) evaluate
+        once, not twice, at their last step (its next sigma is 0), and A1111's timestep samplers (DDIM/PLMS/UniPC,
+        also in Forge) launch ``t_enc + 1`` steps in an img2img pass but loop ``len(timesteps) - 1 = t_enc - 1``
+        times."""
+        total = int(getattr(den, "total_steps", 0) or 0)
+        sampler = getattr(den, "sampler", None)
+        options = getattr(getattr(sampler, "config", None), "options", None) or {}
+        if options.get("second_order"):
+            total -= 1
+        if type(sampler).__module__.rsplit(".", 1)[-1] == "sd_samplers_timesteps":
+            total -= 2
+        return max(total, 1)
+
+
+SERVICES = HostServices()

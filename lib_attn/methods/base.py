@@ -1,0 +1,65 @@
+"""What a method is: its fields, its settings section, its per-pass plan, and its per-generation run.
+
+A method lives in one folder, ``lib_attn/methods/<name>/``: ``__init__.py`` declares its :class:`Method`
+(fields next to the code that reads them), ``core.py`` holds its pure tensor code, ``run.py`` its per-generation
+state, ``hooks.py`` what it does at each host event.  :data:`lib_attn.methods.ORDER` lists the methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lib_attn.fields import Field, Section, section_class
+from lib_attn.layers import LayerKey, LayerSelectorError
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a method's plan may depend on: the pass and the model's attention layers."""
+
+    is_hr_pass: bool
+    available: tuple[LayerKey, ...]
+    widths: dict[LayerKey, int]  # channel width of each layer (0 when unknown)
+    img2img: bool  # the generation is an img2img one
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method.  ``plan(settings, ctx)`` returns its plan for a pass (None: inactive in that pass) and raises
+    the field's SettingsError for bad values; ``run(p, settings, services)`` makes its per-generation run object
+    (None: the method keeps no state); ``hooks`` is its hook class (see :mod:`lib_attn.hooks`)."""
+
+    name: str
+    title: str
+    fields: tuple[Field, ...]
+    plan: Callable[[Any, PlanContext], Any]
+    section: type = Section  # a Section subclass with the method's properties and checks
+    tabs: tuple[str, ...] = ("txt2img", "img2img")
+    run: Callable[..., Any] | None = None
+    hooks: type | None = None
+    settings_class: type = field(init=False)
+
+    def __post_init__(self) -> None:
+        for f in self.fields:
+            if f.section != self.name:
+                raise ValueError(f"field {f.api_name} declared in method {self.name}")
+        object.__setattr__(self, "settings_class", section_class(self.name, self.fields, self.section))
+
+    def field(self, name: str) -> Field:
+        return self.settings_class.FIELDS[name]
+
+    @contextlib.contextmanager
+    def selector(self, name: str = "layers") -> Iterator[None]:
+        """A layer selector that matches nothing becomes an error naming the field ``name``."""
+        try:
+            yield
+        except LayerSelectorError as e:
+            raise self.field(name).error(str(e)) from None
+
+
+def fields_of(methods: Iterable[Method]) -> Iterator[Field]:
+    for m in methods:
+        yield from m.fields
