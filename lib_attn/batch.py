@@ -138,3 +138,16 @@ def local_span(span: range, call_start: int, call_rows: int, attn_rows: int) -> 
         return None
     k = attn_rows // call_rows
     return (a - call_start) * k, (b - call_start) * k
+
+
+def _slice(v: Any, n: int, a: int, b: int) -> Any:
+    return v[a:b] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+
+
+def slice_args(args: tuple, n: int, a: int, b: int) -> tuple:
+    """Rows a..b of every tensor argument with ``n`` rows (others as they are)."""
+    return tuple(_slice(v, n, a, b) for v in args)
+
+
+def slice_kwargs(kwargs: dict, n: int, a: int, b: int) -> dict:
+    return {k: _slice(v, n, a, b) for k, v in kwargs.items()}

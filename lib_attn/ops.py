@@ -3,6 +3,8 @@ and the step schedule (where a step stands in its pass, and whether it lies in a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -52,3 +54,42 @@ def in_interval(fraction: float, start: float, end: float) -> bool:
 def active_at(step: int, total: int, start: float, end: float) -> bool:
     """Whether step ``step`` of ``total`` lies in the interval ``[start, end]`` (fractions of the pass)."""
     return in_interval(progress(step, total), start, end)
+
+
+def grid_of(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of an attention layer with ``n`` queries in a UNet whose input latent is ``latent_hw``
+    (each level halves the size, rounding up as the UNet's strided convolutions do)."""
+    h, w = latent_hw
+    for _ in range(8):
+        if h * w == n:
+            return h, w
+        h, w = (h + 1) // 2, (w + 1) // 2
+    raise ValueError(f"{n} queries do not match a level of a {latent_hw[0]}x{latent_hw[1]} latent")
+
+
+def blend(x: Tensor, source: Tensor, mask: Tensor) -> Tensor:
+    """``source + mask * (x - source)``: the source outside the mask, ``x`` inside, exact at both ends.
+
+    ``x``, ``source``: (B, C, H, W); ``mask``: (B or 1, 1, H, W) in [0, 1].  Computed with :func:`torch.lerp`, which
+    returns ``source`` exactly where mask = 0 and ``x`` exactly where mask = 1 (the plain formula can round there).
+    """
+    return torch.lerp(source, x, mask.to(x.dtype).expand_as(x))
+
+
+def gaussian_blur(m: Tensor, sigma: float, size: int | None = None) -> Tensor:
+    """Separable Gaussian blur of ``(..., H, W)`` with edge replication; ``size`` defaults to ``2 * ceil(3 sigma) + 1``.
+    The weights are non-negative and sum to one, so a constant map stays constant and order is kept."""
+    if sigma <= 0:
+        return m
+    size = size or max(3, 2 * math.ceil(3 * sigma) + 1)
+    r = size // 2
+    t = torch.arange(size, dtype=torch.float32, device=m.device) - r
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(m.dtype)
+    shape = m.shape
+    x = m.reshape(-1, 1, *shape[-2:])
+    x = F.pad(x, (r, r, 0, 0), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x.reshape(shape)

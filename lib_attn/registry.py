@@ -66,6 +66,14 @@ class PatchSet:
         module.forward = w
         self._wrappers.append(w)
 
+    def wrappers_of(self, module: nn.Module) -> list[_Wrapper]:
+        """Our wrappers on ``module`` now, outermost first."""
+        out, fwd = [], module.__dict__.get("forward")
+        while getattr(fwd, MARK, False):
+            out.append(fwd)
+            fwd = fwd.previous
+        return out
+
     def add_handle(self, handle: Any) -> None:
         """Keep a torch ``RemovableHandle`` (forward hook / pre-hook) for removal."""
         self._handles.append(handle)

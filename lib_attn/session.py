@@ -97,6 +97,7 @@ class Session:
         self.plan: PassPlan | None = None
         self.pass_key: tuple | None = None
         self.patches = PatchSet()
+        self.runs: dict[str, Any] = {}  # method name -> its run object (see make_runs)
         self.step = 0
         self.total_steps = 0
 

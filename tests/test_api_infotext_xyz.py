@@ -10,7 +10,7 @@ import pytest
 
 from lib_attn import settings as S
 from tests.fakes.a1111_double import a1111_host
-from tests.test_pag_a1111 import SCRIPT
+from tests.support.helpers import SCRIPT
 
 BASE = {"prompt": "a red cube", "negative_prompt": "", "seed": 2, "steps": 2, "cfg_scale": 4.0, "width": 96,
         "height": 80}
@@ -68,7 +68,7 @@ def test_unknown_script_title_is_422(host):
 def test_infotext_pastes_back_every_field(host):
     out = host.txt2img(**BASE, script_args=S.defaults().with_values(CUSTOM).to_args())
     params = host.modules.infotext_utils.parse_generation_parameters(out.infotexts[0])
-    script = host.script(False)
+    script = host.script(is_img2img=False)
     pasted = {}
     for component, target in script.infotext_fields:
         value = target(params) if callable(target) else params.get(target)
@@ -108,7 +108,7 @@ def test_sections_with_an_image_paste_back(host, section):
     out = run(**kw, script_args=settings.to_args())
     params = host.modules.infotext_utils.parse_generation_parameters(out.infotexts[0])
     assert params[S.FIELD_BY_KEY[f"{section}_reference"].infotext] == S.image_digest((ref,))
-    script = host.script(is_img2img)
+    script = host.script(is_img2img=is_img2img)
     pasted = {c.elem_id: t(params) for c, t in script.infotext_fields}
     keep = {c.elem_id: (ref if f.key == f"{section}_reference" else f.default)
             for c, f in zip(script.controls, S.FIELDS, strict=True)}

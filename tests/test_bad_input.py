@@ -14,7 +14,7 @@ from PIL import Image
 
 from lib_attn import settings as S
 from tests.fakes.a1111_double import a1111_host
-from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
+from tests.support.helpers import SCRIPT, assert_no_leftovers
 
 BASE = {"prompt": "a cube", "negative_prompt": "", "seed": 1, "steps": 2, "cfg_scale": 4.0, "width": 96,
         "height": 80}

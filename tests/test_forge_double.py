@@ -441,9 +441,10 @@ def test_script_args_positional_from_ui_defaults_and_api(host):
     assert image.size == (64, 64)
 
     probe.LOG.clear()
-    res = h.api_txt2img({**BASE, "steps": 1, "alwayson_scripts": {"double PROBE": {"args": [True, 7, "extra"]}}})
+    status, res = h.api_txt2img({**BASE, "steps": 1, "alwayson_scripts": {"double PROBE": {"args": [True, 7, "extra"]}}})
+    assert status == 200, res
     assert probe.LOG[0]["args"] == (True, 7) and res["processed"].samples.shape == (1, 4, 8, 8)
-    res = h.api_img2img(
+    status, res = h.api_img2img(
         {
             **BASE,
             "steps": 2,
@@ -452,9 +453,9 @@ def test_script_args_positional_from_ui_defaults_and_api(host):
             "alwayson_scripts": {"Double Probe": {"args": [False]}},
         }
     )
-    assert len(res["images"]) == 1
-    with pytest.raises(Exception, match="422"):
-        h.api_txt2img({**BASE, "alwayson_scripts": {"No Such Script": {"args": []}}})
+    assert status == 200 and len(res["images"]) == 1
+    status, res = h.api_txt2img({**BASE, "alwayson_scripts": {"No Such Script": {"args": []}}})
+    assert status == 422 and "No Such Script" in res["detail"]
 
 
 def test_unsupported_model_has_no_unet_but_runs(host):

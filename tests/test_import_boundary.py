@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOST_ROOTS = {"modules", "backend", "ldm_patched", "launch", "modules_forge"}
@@ -48,3 +49,29 @@ def test_importing_core_pulls_no_host(tmp_path):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+METHOD_WORDS = re.compile(
+    r"\b(pag|coloriz\w*|colour\w*|style\w*|edit.?mask\w*|inpaint\w*|yoda|dino\w*|masked.upscal\w*|perturb\w*)\b", re.I
+)
+def test_host_adapters_name_no_method():
+    offenders = []
+    for path in sorted((ROOT / "lib_attn" / "host").glob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if METHOD_WORDS.search(line):
+                offenders.append(f"{path.name}:{i}: {line.strip()}")
+    assert offenders == []
+
+
+def test_every_method_has_forge_hooks_and_a_folder():
+    from lib_attn.methods import METHODS
+
+    for m in METHODS:
+        folder = ROOT / "lib_attn" / "methods" / m.name
+        assert (folder / "__init__.py").exists() and (folder / "core.py").exists(), m.name
+        assert (folder / "hooks_forge.py").exists() and (folder / "hooks_a1111.py").exists(), m.name
+
+
+def test_host_files_stay_small():
+    for path in (ROOT / "lib_attn" / "host").glob("*.py"):
+        assert len(path.read_text().splitlines()) < 400, path.name

@@ -16,8 +16,8 @@ from PIL import Image
 from lib_attn import settings as S
 from tests.fakes.a1111_double import a1111_host
 from tests.fakes.forge_env import forge_host
-from tests.test_colorize import photo, small
-from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
+from tests.support.helpers import SCRIPT, assert_no_leftovers
+from tests.support.images import photo, small
 
 BASE = dict(prompt="a red cube", negative_prompt="", seed=3, steps=4, cfg_scale=5.0, width=96, height=80,
             sampler_name="Euler")

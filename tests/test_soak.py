@@ -16,7 +16,7 @@ import torch
 
 from lib_attn import settings as S
 from tests.fakes.a1111_double import a1111_host
-from tests.test_pag_a1111 import SCRIPT
+from tests.support.helpers import SCRIPT
 
 COUNT = int(os.environ.get("ATTN_SOAK", "25"))
 REFERENCE = dict(prompt="a lighthouse", negative_prompt="fog", seed=9, steps=3, cfg_scale=6.0, width=96, height=80,

@@ -248,7 +248,7 @@ def test_page_data_holds_every_help_text(gr, built, tab):
 # generic pieces (future fields)
 # --------------------------------------------------------------------------------------------
 def test_image_field_uses_the_running_gradio_kwargs(gr, ui):
-    field = S.Field("demo", "image", "Reference image", "", "image", None, help="an image")
+    field = S.Field("demo", "image", label="Reference image", infotext="", kind="image", default=None, help="an image")
     with gr.Blocks():
         c = ui.make_component(field, "demo_image")
     assert isinstance(c, gr.Image)
@@ -261,11 +261,11 @@ def test_image_field_uses_the_running_gradio_kwargs(gr, ui):
 
 def test_other_kinds(gr, ui):
     with gr.Blocks():
-        n = ui.make_component(S.Field("demo", "n", "N", "N", "int", 2, 1, 8, 1), "demo_n")
-        free = ui.make_component(S.Field("demo", "x", "X", "X", "float", 0.5), "demo_x")
-        many = ui.make_component(S.Field("demo", "m", "M", "M", "choice", "a", choices=tuple("abcdef")), "demo_m")
+        n = ui.make_component(S.Field("demo", "n", label="N", infotext="N", kind="int", default=2, minimum=1, maximum=8, step=1), "demo_n")
+        free = ui.make_component(S.Field("demo", "x", label="X", infotext="X", kind="float", default=0.5), "demo_x")
+        many = ui.make_component(S.Field("demo", "m", label="M", infotext="M", kind="choice", default="a", choices=tuple("abcdef")), "demo_m")
         with pytest.raises(ValueError, match="no UI"):
-            ui.make_component(S.Field("demo", "z", "Z", "Z", "tensor", None), "demo_z")
+            ui.make_component(S.Field("demo", "z", label="Z", infotext="Z", kind="tensor", default=None), "demo_z")
     assert isinstance(n, gr.Slider) and n.step == 1
     assert isinstance(free, gr.Number)
     assert isinstance(many, gr.Dropdown)

@@ -16,7 +16,7 @@ import pytest
 from lib_attn import settings as S
 from tests.fakes.a1111_double import a1111_host
 from tests.fakes.forge_env import forge_host
-from tests.test_pag_a1111 import SCRIPT
+from tests.support.helpers import SCRIPT
 
 BASE = {"prompt": "a red cube", "negative_prompt": "", "seed": 2, "steps": 2, "cfg_scale": 4.0, "width": 64,
         "height": 64, "sampler_name": "Euler"}
@@ -36,10 +36,8 @@ def started(kind, *, nowebui, xyz_last=False):
         api = h.start([SCRIPT], nowebui=nowebui, files=files)
 
         def txt2img(payload):
-            resp = h.api_txt2img(payload)
-            if kind == "a1111":
-                status, resp = resp
-                assert status == 200, resp
+            status, resp = h.api_txt2img(payload)
+            assert status == 200, resp
             return json.loads(resp["info"])["infotexts"]
 
         yield h, api, txt2img

@@ -72,24 +72,25 @@ def before_every_sampling(p: Any) -> None:
 
 
 def postprocess_image(p: Any, pp: Any) -> None:
-    """``Script.postprocess_image``: methods that finish each image (colorization puts the lightness back)."""
+    """``Script.postprocess_image``: the run objects that finish each image (``finish_image``)."""
     session = sessions.get(p)
-    inputs = getattr(session, "colorize", None)
-    if inputs is None or getattr(pp, "image", None) is None:
+    if session is None or getattr(pp, "image", None) is None:
         return
     index = int(getattr(pp, "index", getattr(p, "batch_index", 0)) or 0)
-    pp.image = inputs.finish(index, pp.image)
+    for run in session.runs.values():
+        if hasattr(run, "finish_image"):
+            pp.image = run.finish_image(index, pp.image)
 
 
 def postprocess(p: Any, processed: Any = None) -> None:
-    """``Script.postprocess``: extra images join the results (UI gallery and API images): the automatic edit
-    masks and the masked-upscaling previews, when asked for; then the session ends."""
+    """``Script.postprocess``: the run objects' extra images (``extra_images``) join the results (UI gallery and API
+    images); then the session ends."""
     session = sessions.get(p)
     try:
-        if processed is not None and getattr(session, "error", None) is None:
-            for run in (getattr(session, "edit", None), getattr(session, "yoda", None)):
-                if run is not None and run.settings.show:
-                    _append_images(processed, run.images())
+        if processed is not None and session is not None and session.error is None:
+            for run in session.runs.values():
+                if hasattr(run, "extra_images"):
+                    _append_images(processed, run.extra_images())
     finally:
         sessions.end(p)
 

@@ -19,7 +19,10 @@ import pathlib
 import sys
 from types import SimpleNamespace
 
+import torch
+
 FAKES = pathlib.Path(__file__).resolve().parent / "a1111_double"
+CFG_CATEGORIES = ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg")
 HOST_PREFIXES = ("modules", "backend", "ldm_patched", "modules_forge", "lib_attn.host.")
 
 
@@ -59,6 +62,8 @@ def load_script_module(path: pathlib.Path):
 
 
 class A1111Host:
+    """Handle yielded by ``a1111_host``; its common API with ``ForgeHost`` is ``tests.support.harness.Harness``."""
+
     def __init__(self, kind: str, models: dict | None, dtype=None):
         from tests.support.tiny import make_sd_model
 
@@ -75,6 +80,11 @@ class A1111Host:
         factories.update(models or {})
         if dtype is not None:  # e.g. float64 for exact comparisons against independent computations
             factories = {t: (lambda f=f: f().to(dtype)) for t, f in factories.items()}
+        factories = {t: (lambda f=f: self._watch(f())) for t, f in factories.items()}
+        self.loaded_scripts: list = []  # (path, module)
+        self.unet_calls: list[dict] = []
+        self._baseline: set[int] = set()
+        self._baseline_refs: list = []  # keeps the ids in _baseline from being reused
         for title, factory in factories.items():
             m.sd_models.register(title, factory)
         m.shared.sd_model = None
@@ -83,13 +93,44 @@ class A1111Host:
         m.scripts.scripts_txt2img, m.scripts.scripts_img2img = self.runners[False], self.runners[True]
         self.server = None  # the modules.api.api.Api made by start()
 
+    # ---- observation --------------------------------------------------------------------------
+    def _watch(self, model):
+        """Record every ``sd_model.apply_model`` call of a model made by a registered factory (an instance
+        attribute on the model, so the UNet's modules carry no extra hook)."""
+        inner = model.apply_model
+
+        def apply_model(x, t, *args, **kwargs):
+            self.unet_calls.append({"rows": int(x.shape[0]), "shape": tuple(x.shape), "timestep": float(t[0]),
+                                    "inference_mode": torch.is_inference_mode_enabled()})
+            return inner(x, t, *args, **kwargs)
+
+        model.apply_model = apply_model
+        return model
+
+    @property
+    def unet_rows(self) -> list[int]:
+        return [c["rows"] for c in self.unet_calls]
+
     @property
     def errors(self) -> list[str]:
         return self.modules.errors.reported
 
-    def callback_count(self, kinds=("cfg_denoiser", "cfg_denoised", "cfg_after_cfg")) -> int:
+    @property
+    def sd_model(self):
+        return self.modules.shared.sd_model
+
+    def callback_count(self, category: str | None = None) -> int:
+        """Registered script callbacks.  With ``category`` (e.g. ``"cfg_denoiser"``): all of that category;
+        without: the CFG callbacks (``cfg_denoiser``, ``cfg_denoised``, ``cfg_after_cfg``) that did not exist
+        right after the last ``load_script``/``start``, i.e. those a generation left behind."""
         cmap = self.modules.script_callbacks.callback_map
-        return sum(len(cmap[f"callbacks_{k}"]) for k in kinds)
+        if category is not None:
+            return len(cmap["callbacks_" + category])
+        return sum(1 for k in CFG_CATEGORIES for c in cmap["callbacks_" + k] if id(c) not in self._baseline)
+
+    def _snapshot_callbacks(self) -> None:
+        self._baseline_refs = [c for lst in self.modules.script_callbacks.callback_map.values() for c in lst]
+        self._baseline = {id(c) for c in self._baseline_refs}
 
     def load_script(self, path):
         import gradio as gr
@@ -105,6 +146,8 @@ class A1111Host:
                 with gr.Blocks():
                     runner.create_script_ui(script)
         self.modules.script_callbacks.before_ui_callback()
+        self.loaded_scripts.append((str(path), module))
+        self._snapshot_callbacks()
         return module
 
     def start(self, extension_scripts, *, nowebui: bool, files=None):
@@ -132,30 +175,43 @@ class A1111Host:
             self.server = m.api.Api()
         m.script_callbacks.app_started_callback(demo, None)
         self.runners = {False: m.scripts.scripts_txt2img, True: m.scripts.scripts_img2img}
+        self.loaded_scripts = [(d.path, d.module) for d in m.scripts.scripts_data]
+        self._snapshot_callbacks()
         return self.server
 
-    def script(self, is_img2img=False, title="Attention Toolkit"):
-        return next(s for s in self.runners[is_img2img].scripts if s.title() == title)
+    def script(self, title: str | None = None, *, is_img2img: bool = False):
+        """The runner's instance of a loaded script (by title; default: the last loaded one)."""
+        runner = self.runners[is_img2img]
+        if title is not None:
+            return next((s for s in runner.scripts if s.title() == title), None)
+        if not self.loaded_scripts:
+            return None
+        path = pathlib.Path(self.loaded_scripts[-1][0]).resolve()
+        found = [s for s in runner.scripts if pathlib.Path(s.filename).resolve() == path]
+        return found[-1] if found else None
 
-    def default_args(self, is_img2img=False) -> list:
+    def default_args(self, *, is_img2img: bool = False) -> list:
+        """The full args list the WebUI would start from: position 0 = None, then each script's ui() values."""
         runner = self.runners[is_img2img]
         return [None] + [getattr(c, "value", None) for c in runner.inputs[1:]]
 
     def _args(self, is_img2img, script_args):
-        args = self.default_args(is_img2img)
+        args = self.default_args(is_img2img=is_img2img)
         if script_args is not None and self.runners[is_img2img].scripts:
-            s = self.script(is_img2img)
+            s = self.script(is_img2img=is_img2img)
+            if s is None:
+                raise ValueError("script_args given but no script is loaded")
             for i, v in enumerate(list(script_args)[: s.args_to - s.args_from]):
                 args[s.args_from + i] = v
         return args
 
-    def txt2img(self, script_args=None, **kw):
+    def txt2img(self, *, script_args=None, **kw):
         m = self.modules
         p = m.processing.StableDiffusionProcessingTxt2Img(scripts=self.runners[False],
                                                           script_args=self._args(False, script_args), **kw)
         return m.processing.process_images(p)
 
-    def img2img(self, script_args=None, **kw):
+    def img2img(self, *, script_args=None, **kw):
         m = self.modules
         p = m.processing.StableDiffusionProcessingImg2Img(scripts=self.runners[True],
                                                           script_args=self._args(True, script_args), **kw)
@@ -168,7 +224,7 @@ class A1111Host:
         if self.server is not None:
             defaults = self.server.default_script_arg_img2img if is_img2img else self.server.default_script_arg_txt2img
         else:
-            defaults = self.default_args(is_img2img)
+            defaults = self.default_args(is_img2img=is_img2img)
         try:
             selectable, selectable_idx = m.api.get_selectable_script(payload.pop("script_name", None), runner)
             args = m.api.init_script_args(payload, defaults, runner, selectable, selectable_idx)
@@ -193,6 +249,8 @@ class A1111Host:
         return 200, {"images": images, "parameters": {}, "info": processed.js()}
 
     def api_txt2img(self, payload: dict) -> tuple[int, dict]:
+        """``/sdapi/v1/txt2img`` with a JSON-like dict: ``(status_code, body)``; an ``HTTPException`` gives its
+        status and ``{"detail": ...}``, any other exception 500 with the message in ``body["errors"]``."""
         return self._api(payload, False)
 
     def api_img2img(self, payload: dict) -> tuple[int, dict]:

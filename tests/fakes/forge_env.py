@@ -5,6 +5,8 @@
         out = h.txt2img(prompt="a cube", steps=4, width=64, height=64, script_args=[...])
         out.samples, out.images, out.infotexts, h.unet_calls, h.errors, h.callback_count()
 
+``ForgeHost`` and the A1111 double's ``A1111Host`` share one API, ``tests.support.harness.Harness``.
+
 On entry the double's directory goes first on ``sys.path`` and every previously imported ``modules*``,
 ``backend*``, ``modules_forge*``, ``scripts*`` and ``lib_attn.host*`` module is set aside (an A1111 double
 may be loaded in the same process); on exit the double's modules are dropped and the previous ones and
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 FORGE_ROOT = pathlib.Path(__file__).resolve().parent / "forge"
+CFG_CATEGORIES = ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg")
 HOST_PREFIXES = ("modules", "backend", "modules_forge", "scripts", "lib_attn.host")
 CHECKPOINTS = {
     "sd1": "tiny-sd1.safetensors",
@@ -96,7 +99,7 @@ class _Namespace:
 
 
 class ForgeHost:
-    """Handle yielded by ``forge_host``."""
+    """Handle yielded by ``forge_host``; its common API with ``A1111Host`` is ``tests.support.harness.Harness``."""
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -106,6 +109,7 @@ class ForgeHost:
         self.unet_calls: list[dict] = []
         self.last_p = None
         self._baseline: set[int] = set()
+        self._baseline_refs: list = []  # keeps the ids in _baseline from being reused
         self._api = None
         k_model = importlib.import_module("backend.modules.k_model")
         k_model.apply_model_listeners.append(self._record_call)
@@ -136,12 +140,17 @@ class ForgeHost:
         return self.modules.shared.sd_model
 
     def callback_count(self, category: str | None = None) -> int:
-        """Registered script callbacks.  With ``category`` (e.g. ``"cfg_denoiser"``): all of that
-        category; without: every callback except those that existed right after the last ``load_script``."""
+        """Registered script callbacks.  With ``category`` (e.g. ``"cfg_denoiser"``): all of that category;
+        without: the CFG callbacks (``cfg_denoiser``, ``cfg_denoised``, ``cfg_after_cfg``) that did not exist
+        right after the last ``load_script``/``start``, i.e. those a generation left behind."""
         cmap = self.modules.script_callbacks.callback_map
         if category is not None:
             return len(cmap["callbacks_" + category])
-        return sum(1 for lst in cmap.values() for c in lst if id(c) not in self._baseline)
+        return sum(1 for k in CFG_CATEGORIES for c in cmap["callbacks_" + k] if id(c) not in self._baseline)
+
+    def _snapshot_callbacks(self) -> None:
+        self._baseline_refs = [c for lst in self.modules.script_callbacks.callback_map.values() for c in lst]
+        self._baseline = {id(c) for c in self._baseline_refs}
 
     # ---- scripts ------------------------------------------------------------------------------
     def load_script(self, path) -> types.ModuleType:
@@ -160,8 +169,7 @@ class ForgeHost:
             with gr.Blocks():
                 runner.setup_ui()
         self._api = None
-        cmap = self.modules.script_callbacks.callback_map
-        self._baseline = {id(c) for lst in cmap.values() for c in lst}
+        self._snapshot_callbacks()
         return module
 
     def start(self, extension_scripts, *, nowebui: bool, files=None):
@@ -188,7 +196,7 @@ class ForgeHost:
             demo = self.modules.ui.create_ui()
             self._api = importlib.import_module("modules.api.api").Api()
         callbacks.app_started_callback(demo, None)
-        self._baseline = {id(c) for lst in callbacks.callback_map.values() for c in lst}
+        self._snapshot_callbacks()
         return self._api
 
     def script(self, title: str | None = None, *, is_img2img: bool = False):
@@ -272,13 +280,23 @@ class ForgeHost:
             self._api = importlib.import_module("modules.api.api").Api()
         return self._api
 
-    def api_txt2img(self, payload: dict) -> dict:
-        """``/sdapi/v1/txt2img`` with a JSON-like dict; the result has ``images`` (base64), ``info`` and
-        ``processed`` (the Processed object, double only)."""
-        return self.api().text2imgapi(payload)
+    def _api_call(self, method: str, payload: dict) -> tuple[int, dict]:
+        api_module = importlib.import_module("modules.api.api")
+        try:
+            return 200, getattr(self.api(), method)(payload)
+        except api_module.HTTPException as e:
+            return e.status_code, {"detail": e.detail}
+        except Exception as e:  # the WebUI's API middleware turns it into a 500 with the message
+            return 500, {"error": type(e).__name__, "detail": "", "body": "", "errors": str(e)}
 
-    def api_img2img(self, payload: dict) -> dict:
-        return self.api().img2imgapi(payload)
+    def api_txt2img(self, payload: dict) -> tuple[int, dict]:
+        """``/sdapi/v1/txt2img`` with a JSON-like dict: ``(status_code, body)``; on 200 the body has ``images``
+        (base64), ``info`` and ``processed`` (the Processed object, double only); an ``HTTPException`` gives its
+        status and ``{"detail": ...}``, any other exception 500 with the message in ``body["errors"]``."""
+        return self._api_call("text2imgapi", payload)
+
+    def api_img2img(self, payload: dict) -> tuple[int, dict]:
+        return self._api_call("img2imgapi", payload)
 
     def load_checkpoint(self, title: str):
         return self.modules.sd_models.load_checkpoint(title)

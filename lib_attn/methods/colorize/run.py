@@ -103,7 +103,7 @@ class ColorizeInputs:
             idx = self.ref_index(self.z_in.shape[0])
             p.init_latent = ops.adain(self.z_in, self.z_ref[idx]).to(self.z_in.dtype)
 
-    def finish(self, index: int, image: Image.Image) -> Image.Image:
+    def finish_image(self, index: int, image: Image.Image) -> Image.Image:
         """The output image for batch position ``index``: chroma from ``image``, lightness from the original."""
         original = self.originals[index if len(self.originals) > 1 else 0]
         ref = self.references[0 if len(self.references) == 1 else index]

@@ -26,7 +26,6 @@ sampling loops.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib_attn.layers import LayerKey, select
+from lib_attn.ops import blend, gaussian_blur, grid_of  # noqa: F401  (blend, grid_of: used through this module)
 
 Tensor = torch.Tensor
 
@@ -100,17 +100,6 @@ def cross_attention_probs(module: nn.Module, x: Tensor, context: Tensor, tokens:
     """:func:`attention_probs` of an ldm/sgm ``CrossAttention`` for hidden states ``x`` (rows, N, C) and
     text ``context`` (rows, T, C'), computed on the given rows only."""
     return attention_probs(module.to_q(x), module.to_k(context), int(module.heads), tokens)
-
-
-def grid_of(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) of an attention layer with ``n`` queries in a UNet whose input latent is ``latent_hw``
-    (each level halves the size, rounding up as the UNet's strided convolutions do)."""
-    h, w = latent_hw
-    for _ in range(8):
-        if h * w == n:
-            return h, w
-        h, w = (h + 1) // 2, (w + 1) // 2
-    raise ValueError(f"{n} queries do not match a level of a {latent_hw[0]}x{latent_hw[1]} latent")
 
 
 @dataclass
@@ -254,24 +243,6 @@ def mask_source(word_maps: Tensor, roles: Tensor) -> Tensor:
     return src
 
 
-def gaussian_blur(m: Tensor, sigma: float, size: int | None = None) -> Tensor:
-    """Gaussian blur of ``(..., H, W)`` with edge replication; ``size`` defaults to 6 sigma, odd."""
-    if sigma <= 0:
-        return m
-    size = size or max(3, 2 * math.ceil(3 * sigma) + 1)
-    r = size // 2
-    t = torch.arange(size, dtype=torch.float32, device=m.device) - r
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = (k / k.sum()).to(m.dtype)
-    shape = m.shape
-    x = m.reshape(-1, 1, *shape[-2:])
-    x = F.pad(x, (r, r, 0, 0), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, -1, 1))
-    return x.reshape(shape)
-
-
 def finish(src: Tensor, threshold: float, grow: int = 0, blur: float = 0.0) -> Tensor:
     """The paper's post-processing (two 5x5 Gaussian blurs, min-max, binarize at ``threshold``), then
     ``grow`` pixels of dilation and a feather of ``blur`` pixels.  Returns a float mask in [0, 1]."""
@@ -311,11 +282,6 @@ class MaskBuilder:
         if self.roles is None:
             return []
         return [w for (w, _), r in zip(self.groups, self.roles.tolist(), strict=True) if r == 1]
-
-
-def blend(x: Tensor, source_noised: Tensor, mask: Tensor) -> Tensor:
-    """``source_noised + mask * (x - source_noised)``: the source outside the mask, ``x`` inside."""
-    return source_noised + mask * (x - source_noised)
 
 
 def iou(a: Tensor, b: Tensor, threshold: float = 0.5) -> float:

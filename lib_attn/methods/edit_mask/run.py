@@ -177,6 +177,10 @@ class EditMaskRun:
             for k, v in saved.items():
                 setattr(p, k, v)
 
+    def extra_images(self) -> list[Image.Image]:
+        """What joins the generation's results: the images below when the section asks to show them."""
+        return self.images() if self.settings.show else []
+
     def images(self) -> list[Image.Image]:
         """The final masks as grayscale images at the output size (white = edited), usable as an img2img mask."""
         out = []

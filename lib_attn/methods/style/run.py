@@ -28,6 +28,8 @@ class StyleInputs:
     content: torch.Tensor | None = None  # img2img: init latents (B, C, h, w)
     seeds: list[int] = field(default_factory=lambda: [0])
     _latents: dict = field(default_factory=dict)
+    settings: Any = None  # the style section
+    losses: list = field(default_factory=list)  # per guided step, the loss at each inner iteration
 
     @classmethod
     def prepare(cls, p: Any, settings: Settings) -> StyleInputs:
@@ -37,7 +39,7 @@ class StyleInputs:
             raise FIELD_BY_KEY["style_reference"].error(
                 f"give one style image for all images or one per image of the batch ({batch}), got {len(refs)}"
             )
-        return cls(refs)
+        return cls(refs, settings=settings.style)
 
     def begin(self, p: Any) -> None:
         """At the start of a sampling call: the content latent (img2img) and this batch's seed."""

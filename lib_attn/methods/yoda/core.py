@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lib_attn.ops import progress
+from lib_attn.ops import blend, gaussian_blur, progress  # noqa: F401  (blend: used through this module)
 
 Tensor = torch.Tensor
 
@@ -190,28 +190,6 @@ def self_attention_saliency(q: Tensor, k: Tensor, n_heads: int) -> Tensor:
     return (1.0 - entropy / math.log(k.shape[1])).clamp_(0.0, 1.0)
 
 
-def gaussian_weights(sigma: float) -> list[float]:
-    """Normalized 1-D Gaussian weights of radius ``ceil(3 sigma)`` (empty for sigma <= 0)."""
-    if sigma <= 0:
-        return []
-    radius = max(1, math.ceil(3.0 * sigma))
-    w = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)]
-    total = sum(w)
-    return [v / total for v in w]
-
-
-def _blur_axis(m: Tensor, weights: list[float], dim: int) -> Tensor:
-    radius = len(weights) // 2
-    n = m.shape[dim]
-    # replicate padding: index clamp, so a constant mask stays constant
-    idx = torch.arange(-radius, n + radius, device=m.device).clamp_(0, n - 1)
-    padded = m.index_select(dim, idx)
-    out = torch.zeros_like(m)
-    for i, w in enumerate(weights):
-        out = out + w * padded.narrow(dim, i, n)
-    return out
-
-
 def feather(mask: Tensor, blur_px: float) -> Tensor:
     """Gaussian feather of a mask (B, 1, h, w) with sigma ``blur_px`` latent pixels; 0 = unchanged.
 
@@ -221,18 +199,6 @@ def feather(mask: Tensor, blur_px: float) -> Tensor:
     result is clamped to [0, 1].
     """
     m = _as_4d(mask).float()
-    weights = gaussian_weights(float(blur_px))
-    if not weights:
+    if blur_px <= 0:
         return m.clone()
-    soft = _blur_axis(_blur_axis(m, weights, 2), weights, 3)
-    return torch.maximum(soft, m).clamp_(0.0, 1.0)
-
-
-def blend(x: Tensor, lowres_noised: Tensor, mask: Tensor) -> Tensor:
-    """``lowres_noised + mask * (x - lowres_noised)``, exact at both ends of the mask.
-
-    ``x``, ``lowres_noised``: (B, C, H, W); ``mask``: (B, 1, H, W) in [0, 1].  Computed with
-    :func:`torch.lerp`, which returns ``lowres_noised`` exactly where mask = 0 and ``x`` exactly
-    where mask = 1 (the plain formula can round at mask = 1).
-    """
-    return torch.lerp(lowres_noised, x, mask.to(x.dtype).expand_as(x))
+    return torch.maximum(gaussian_blur(m, float(blur_px)), m).clamp_(0.0, 1.0)

@@ -33,15 +33,15 @@ Tensor = torch.Tensor
 
 DINO_REPOS = {"dino-vits8": "facebook/dino-vits8", "dino-vitb8": "facebook/dino-vitb8"}
 DINO_SIDE = 224  # DINO's training scale; the RGB preview it sees has the latent's resolution (1/8 of the image)
-_MODELS: dict[str, torch.nn.Module] = {}  # loaded DINO models by name (a model cache, like the WebUI's own)
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}  # loaded DINO models by (name, folder): a model cache
 
 
 def load_dino(name: str, folder: str) -> torch.nn.Module:
     """The DINO model ``name`` (a key of :data:`DINO_REPOS`): from ``folder/<name>`` when it holds a saved model,
     else from the Hugging Face hub into ``folder`` (the WebUI's ``models/dino``; offline: only what is there).
     A model that cannot be had raises a SettingsError naming ``yoda.source``."""
-    if name in _MODELS:
-        return _MODELS[name]
+    if (name, folder) in _MODELS:
+        return _MODELS[name, folder]
     field = FIELD_BY_KEY["yoda_source"]
     local = os.path.join(folder, name)
     try:
@@ -62,7 +62,7 @@ def load_dino(name: str, folder: str) -> torch.nn.Module:
             f"downloaded on first use into {folder}; without network, save it there as {local} "
             "(config.json + model.safetensors), or choose source 'unet' (no extra model)"
         ) from None
-    _MODELS[name] = model
+    _MODELS[name, folder] = model
     return model
 
 
@@ -191,6 +191,10 @@ class YodaRun:
                 self.previews.append(_preview(a[0], s[0]))
         self.plan = None
         self._reset()
+
+    def extra_images(self) -> list[Image.Image]:
+        """What joins the generation's results: the images below when the section asks to show them."""
+        return self.images() if self.settings.show else []
 
     def images(self) -> list[Image.Image]:
         return list(self.previews)

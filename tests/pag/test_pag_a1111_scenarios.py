@@ -9,7 +9,8 @@ import torch
 
 from lib_attn import settings as S
 from tests.fakes.a1111_double import a1111_host
-from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers, identity_on, pag_args
+from tests.support.helpers import SCRIPT, assert_no_leftovers
+from tests.support.pag import identity_on, pag_args
 
 BASE = dict(prompt="a red cube", negative_prompt="blurry", seed=3, steps=3, cfg_scale=5.0, width=96, height=80)
 MID = ["middle_block.1.transformer_blocks.0.attn1"]

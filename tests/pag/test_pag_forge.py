@@ -7,7 +7,8 @@ import torch
 
 from lib_attn import settings as S
 from tests.fakes.forge_env import forge_host
-from tests.test_pag_a1111 import SCRIPT, pag_args
+from tests.support.helpers import SCRIPT
+from tests.support.pag import pag_args
 
 BASE = dict(prompt="a red cube", negative_prompt="blurry", seed=5, steps=3, cfg_scale=5.0, width=128, height=128)
 
@@ -82,5 +83,6 @@ def test_hook_twice_per_hires_pass_patches_once_and_calls_are_cond_only():
 def test_api_named_form_on_forge():
     with forge_host("sd1") as h:
         h.load_script(SCRIPT)
-        res = h.api_txt2img({**BASE, "alwayson_scripts": {"attention toolkit": {"args": [{"pag": {"scale": 2.5}}]}}})
+        status, res = h.api_txt2img({**BASE, "alwayson_scripts": {"attention toolkit": {"args": [{"pag": {"scale": 2.5}}]}}})
+        assert status == 200, res
         assert "PAG scale: 2.5" in res["info"]

@@ -14,9 +14,9 @@ from lib_attn import settings as S
 from lib_attn.methods.yoda import core as yd
 from lib_attn.methods.yoda import dino
 from tests.fakes.a1111_double import a1111_host
-from tests.test_colorize import photo
-from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
-from tests.test_yoda_core import tiny_vit
+from tests.support.helpers import SCRIPT, assert_no_leftovers
+from tests.support.images import photo
+from tests.support.vit import tiny_vit
 
 BASE = dict(prompt="a cat on a table", negative_prompt="", seed=5, steps=6, cfg_scale=5.0, width=96, height=80,
             sampler_name="Euler", denoising_strength=0.7)
@@ -45,21 +45,22 @@ def point_models_at(monkeypatch, folder):
 def spy(monkeypatch, host="a1111"):
     """Per model call of a YODA pass: the model input after the blend (Forge: one row per image), sigma, this
     call's mask, the source, the noise, the call index and count.  (Call inside the host block.)"""
-    adapter = importlib.import_module(f"lib_attn.host.{host}")
-    cls = adapter.A1111Session if host == "a1111" else adapter.ForgeSession
+    cls = importlib.import_module(f"lib_attn.methods.yoda.hooks_{host}").Hooks
+    name = "input" if host == "a1111" else "on_denoiser"
     seen = []
-    orig = cls._yoda_input
+    orig = getattr(cls, name)
 
     def wrapped(self, params, *a):
         out = orig(self, params, *a)
-        run = self.yoda
-        at = out if host == "a1111" else self._yoda_at
+        run, at, p = self.run, self.at, self.ctx.p
+        if at is None:
+            return out
         seen.append(dict(x=params.x.clone(), sigma=params.sigma.clone(), layout=a[0] if a else None,
                          mask=None if run.mask is None else run.mask.clone(), z0=run.z0, noise=run.noise, at=at,
-                         hr=bool(getattr(self.p, "is_hr_pass", False))))
+                         hr=bool(getattr(p, "is_hr_pass", False))))
         return out
 
-    monkeypatch.setattr(cls, "_yoda_input", wrapped)
+    monkeypatch.setattr(cls, name, wrapped)
     return seen
 
 

@@ -18,9 +18,9 @@ from lib_attn.methods.style import core as style
 from lib_attn.registry import PatchSet
 from tests.fakes.a1111_double import a1111_host
 from tests.fakes.forge_env import forge_host
+from tests.support.helpers import SCRIPT, assert_no_leftovers
+from tests.support.images import photo, small
 from tests.support.tiny import install_size_fix, make_unet
-from tests.test_colorize import photo, small
-from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
 
 BASE = dict(prompt="a red cube", negative_prompt="", seed=11, steps=6, cfg_scale=5.0, width=96, height=80,
             sampler_name="Euler")
@@ -302,7 +302,7 @@ def test_guided_run_lowers_the_ad_loss():
             out = h.txt2img(**BASE, script_args=style_args(ref, strength=s, adain=False, iters=2)).samples
             losses.append(ad_loss_of(h, out, ref)[0])
         assert_no_leftovers(h)
-        inner = seen[-1].style_losses
+        inner = seen[-1].runs["style"].losses
     print("AD loss, plain / strength 0.05 / 0.3:", losses)
     assert losses[1] < losses[0] and losses[2] < losses[1]
     assert losses[2] < 0.95 * losses[0]
@@ -356,7 +356,7 @@ def test_sdxl_and_sd2(kind):
         out = h.txt2img(**kw, script_args=style_args(ref))
         assert not h.errors
         assert (out.samples - plain).abs().max() > 1e-3
-        assert len(seen[-1].style_losses) == kw["steps"]
+        assert len(seen[-1].runs["style"].losses) == kw["steps"]
         assert all(m.use_checkpoint is True for m in flagged)
         assert_no_leftovers(h)
         assert "Style checkpointing: auto" in out.infotexts[0]
@@ -372,7 +372,7 @@ def test_other_samplers(sampler):
         out = h.txt2img(**kw, script_args=style_args(ref, adain=False)).samples
         assert not h.errors
         assert (out - plain).abs().max() > 1e-3
-        assert seen[-1].style_losses
+        assert seen[-1].runs["style"].losses
         assert_no_leftovers(h)
 
 
@@ -384,7 +384,7 @@ def test_hires_modes_pag_together_and_img2img_content():
         counts = {}
         for mode in ("off", "same", "own"):
             h.txt2img(**kw, script_args=style_args(ref, hires=mode, hires_strength=0.2))
-            counts[mode] = len(seen[-1].style_losses)
+            counts[mode] = len(seen[-1].runs["style"].losses)
         assert counts["off"] == 3 and counts["same"] == counts["own"] > 3  # the hires pass is guided too
         # with PAG, on a layer both act on
         args = [{"style": {"reference": ref}, "pag": {"scale": 2.0, "layers": "output.9"}}]
@@ -422,17 +422,17 @@ def test_host_uncond_rows_are_the_first_guided_forward(extra, pag):
         unet = h.modules.shared.sd_model.model.diffusion_model
         rows: list[int] = []
         handle = unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-        mod = importlib.import_module("lib_attn.host.a1111")
-        original = mod.A1111Session._style_reuse
+        hooks = importlib.import_module("lib_attn.methods.style.hooks_a1111").Hooks
+        original = hooks._reuse
         try:
             reused = run(h).samples
-            n_reused, losses_reused = sum(rows), seen[-1].style_losses
+            n_reused, losses_reused = sum(rows), seen[-1].runs["style"].losses
             rows.clear()
-            mod.A1111Session._style_reuse = lambda self, *a: False
+            hooks._reuse = lambda self, *a: False
             separate = run(h).samples
-            n_separate, losses_separate = sum(rows), seen[-1].style_losses
+            n_separate, losses_separate = sum(rows), seen[-1].runs["style"].losses
         finally:
-            mod.A1111Session._style_reuse = original
+            hooks._reuse = original
             handle.remove()
         assert_no_leftovers(h)
     guided_steps = len(losses_reused)
@@ -465,7 +465,7 @@ def test_an_inpainting_model_runs_its_own_guided_forward():
         finally:
             handle.remove()
         assert not h.errors
-        assert len(seen[-1].style_losses) == 3
+        assert len(seen[-1].runs["style"].losses) == 3
         assert_no_leftovers(h)
     # per step: the capture call (style image + content image), the WebUI's 2 rows, the guided forward's own row
     assert rows == [2, 2, 1] * 3 and torch.isfinite(out).all()
@@ -475,7 +475,7 @@ def test_failures_leave_grad_mode_hooks_and_caches_as_they_were():
     ref = photo("cheetah1.jpg")
     with a1111_host("sd1") as h, sessions() as seen:
         h.load_script(SCRIPT)
-        mod = importlib.import_module("lib_attn.methods.style")
+        mod = importlib.import_module("lib_attn.methods.style.core")
         original = mod.ad_loss
         calls = {"n": 0}
 
@@ -522,7 +522,7 @@ def test_forge_with_inference_mode_weights():
         assert all(p.is_inference() for p in unet.parameters())
         assert all("forward" not in m.__dict__ for m in unet.modules())
         assert h.callback_count() == 0
-        inner = seen[-1].style_losses
+        inner = seen[-1].runs["style"].losses
     assert torch.equal(plain, off)
     assert (out.samples - plain).abs().max() > 1e-3
     assert len(inner) == kw["steps"] and sum(b - a for a, b in inner) < 0

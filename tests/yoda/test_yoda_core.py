@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lib_attn.methods.yoda import core as Y
 from lib_attn.methods.yoda import dino
+from tests.support.vit import tiny_vit
 
 SCHEDULES = [
     Y.YodaPlan(start_coverage=0.25, gamma=1.0),
@@ -261,22 +262,6 @@ def test_resize_map_odd_latent_size_keeps_orientation_and_range():
 
 
 # ---------------------------------------------------------------- DINO
-
-
-def tiny_vit(**overrides):
-    from transformers import ViTConfig, ViTModel
-
-    cfg = dict(
-        image_size=64,
-        patch_size=8,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=3,
-        intermediate_size=96,
-        initializer_range=0.2,  # larger than the default 0.02 so the attention is far from uniform
-    )
-    cfg.update(overrides)
-    return ViTModel(ViTConfig(**cfg), add_pooling_layer=False).eval()
 
 
 def hand_cls_attention(model, pixel_values):

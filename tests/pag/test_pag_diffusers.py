@@ -7,7 +7,8 @@ import torch
 
 from tests.fakes.a1111_double import a1111_host
 from tests.support.diffusers_ref import diffusers_pag_eps, to_diffusers_unet
-from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers, pag_args, record_plain_run
+from tests.support.helpers import SCRIPT, assert_no_leftovers
+from tests.support.pag import pag_args, record_plain_run
 
 # latents divisible by 8: for other sizes the WebUI (resize the upsampled tensor to the skip connection) and diffusers
 # (upsample straight to the skip's size) differ by design, which is not what this test is about

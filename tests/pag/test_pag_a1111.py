@@ -8,93 +8,13 @@ same real k-diffusion sampler from the same start latent and sigmas, which are r
 
 from __future__ import annotations
 
-import contextlib
-import pathlib
-
 import pytest
 import torch
 
 from lib_attn import settings as S
 from tests.fakes.a1111_double import a1111_host
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "attention_toolkit.py"
-BASE = dict(prompt="a red cube", negative_prompt="blurry", seed=11, steps=4, cfg_scale=5.0, width=96, height=80)
-
-
-def pag_args(**kw):
-    values = {"pag_enabled": True, **{f"pag_{k}": v for k, v in kw.items()}}
-    return S.defaults().with_values(values).to_args()
-
-
-def attn1_modules(unet):
-    return {n: m for n, m in unet.named_modules() if n.endswith("attn1")}
-
-
-def assert_no_leftovers(h):
-    unet = h.modules.shared.sd_model.model.diffusion_model
-    for name, m in unet.named_modules():
-        assert "forward" not in m.__dict__, f"patch left on {name}"
-        assert not m._forward_pre_hooks and not m._forward_hooks, f"hook left on {name}"
-    assert h.callback_count() == 0
-
-
-@contextlib.contextmanager
-def identity_on(modules):
-    """Independent perturbation: plain attribute swap of forward, restored afterwards."""
-    saved = []
-    for m in modules:
-        saved.append(m)
-        m.forward = lambda x, context=None, mask=None, _m=m, **kw: _m.to_out(_m.to_v(x))
-    try:
-        yield
-    finally:
-        for m in saved:
-            del m.forward
-
-
-def record_plain_run(h, **kw):
-    """Run without the extension, recording start latent, sigmas and conds seen by the denoiser."""
-    seen = {"sigmas": [], "x0": None, "cond": None, "uncond": None}
-    cb = h.modules.script_callbacks
-
-    def on_denoiser(params):
-        b = params.text_uncond.shape[0]
-        if seen["x0"] is None:
-            seen["x0"] = params.x[-b:].clone()
-            seen["cond"], seen["uncond"] = params.text_cond, params.text_uncond
-        seen["sigmas"].append(float(params.sigma[0]))
-
-    cb.on_cfg_denoiser(on_denoiser)
-    try:
-        out = h.txt2img(**{**BASE, **kw}, sampler_name="Euler", script_args=S.defaults().to_args())
-    finally:
-        cb.remove_callbacks_for_function(on_denoiser)
-    return out, seen
-
-
-def reference_sample(h, seen, cfg, pag_scale, layers, *, model_fn=None):
-    import k_diffusion.external
-    import k_diffusion.sampling
-
-    model = h.modules.shared.sd_model
-    den = k_diffusion.external.CompVisDenoiser(model)
-    unet = model.model.diffusion_model
-    mods = [unet.get_submodule(p) for p in layers]
-
-    def cond_dict(c):
-        return {"c_crossattn": [c], "c_concat": [torch.zeros(c.shape[0], 5, 1, 1, dtype=c.dtype)]}
-
-    def f(x, sigma):
-        u = den(x, sigma, cond=cond_dict(seen["uncond"]))
-        c = den(x, sigma, cond=cond_dict(seen["cond"]))
-        with identity_on(mods):
-            p = den(x, sigma, cond=cond_dict(seen["cond"]))
-        return u + cfg * (c - u) + pag_scale * (c - p)
-
-    sigmas = torch.tensor([*seen["sigmas"], 0.0])
-    with torch.no_grad():
-        return k_diffusion.sampling.sample_euler(model_fn or f, seen["x0"] * 1.0, sigmas, disable=True)
+from tests.support.helpers import SCRIPT, assert_no_leftovers
+from tests.support.pag import BASE, pag_args, record_plain_run, reference_sample
 
 
 @pytest.fixture

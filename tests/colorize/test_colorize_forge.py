@@ -8,8 +8,8 @@ import torch
 from lib_attn import color
 from lib_attn import settings as S
 from tests.fakes.forge_env import forge_host
-from tests.test_colorize import lightness, photo, psnr, small
-from tests.test_pag_a1111 import SCRIPT
+from tests.support.helpers import SCRIPT
+from tests.support.images import lightness, photo, psnr, small
 
 BASE = dict(prompt="", negative_prompt="", seed=5, steps=4, cfg_scale=2.0, width=96, height=80, sampler_name="Euler",
             denoising_strength=0.6)

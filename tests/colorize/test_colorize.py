@@ -4,10 +4,7 @@ k-diffusion samplers, real photos from the gradio package's test data)."""
 from __future__ import annotations
 
 import contextlib
-import math
-import pathlib
 
-import gradio
 import numpy as np
 import pytest
 import torch
@@ -17,15 +14,11 @@ from lib_attn import color, ops
 from lib_attn import settings as S
 from lib_attn.methods.colorize import core as col
 from tests.fakes.a1111_double import a1111_host
-from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
+from tests.support.helpers import SCRIPT, assert_no_leftovers
+from tests.support.images import lightness, photo, psnr, small
 
-PHOTOS = pathlib.Path(gradio.__file__).parent / "test_data"
 BASE = dict(prompt="a photo", negative_prompt="", seed=5, steps=4, cfg_scale=3.0, width=96, height=80,
             sampler_name="Euler", denoising_strength=0.6)
-
-
-def photo(name: str) -> Image.Image:
-    return Image.open(PHOTOS / name).convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,15 +76,6 @@ def test_default_layers_follow_the_official_code():
     assert ps == (col.LayerParams(1.0, 0.0), col.LayerParams(1.0, 0.0), col.LayerParams(0.5, 0.5))
 
 
-def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
-def lightness(img: Image.Image) -> np.ndarray:
-    return color.rgb_to_lab(color.pil_to_tensor(img))[0].numpy()
-
-
 @pytest.mark.parametrize("name", ["cheetah1.jpg", "cheetah2.jpg", "lion.jpg"])
 def test_keep_luminance_on_real_photos(name):
     src = photo(name)
@@ -125,10 +109,6 @@ def h64():
     with a1111_host("sd1", dtype=torch.float64) as h:
         h.load_script(SCRIPT)
         yield h
-
-
-def small(name, size=(96, 80)):
-    return photo(name).resize(size)
 
 
 def test_off_is_bit_identical_to_no_extension():

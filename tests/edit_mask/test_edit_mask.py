@@ -18,9 +18,9 @@ from lib_attn import settings as S
 from lib_attn.layers import keys_from_module_names
 from lib_attn.methods.edit_mask import core as em
 from tests.fakes.a1111_double import a1111_host, info_of
+from tests.support.helpers import SCRIPT, assert_no_leftovers
+from tests.support.images import photo
 from tests.support.tiny import make_sd_model, make_unet
-from tests.test_colorize import photo
-from tests.test_pag_a1111 import SCRIPT, assert_no_leftovers
 
 BASE = dict(prompt="a cat on a table", negative_prompt="", seed=5, steps=5, cfg_scale=5.0, width=96, height=80,
             sampler_name="Euler", denoising_strength=0.7)
@@ -183,18 +183,20 @@ def spy(monkeypatch):
     (Call inside the host: the adapter imports the host's modules.)"""
     import importlib
 
-    a1111_adapter = importlib.import_module("lib_attn.host.a1111")
+    hooks = importlib.import_module("lib_attn.methods.edit_mask.hooks_a1111").Hooks
     seen = []
-    orig = a1111_adapter.A1111Session._edit_input
+    orig = hooks.input
 
-    def wrapped(self, params, layout, den):
-        out = orig(self, params, layout, den)
-        run = self.edit
+    def wrapped(self, params, layout):
+        out = orig(self, params, layout)
+        if not out:
+            return out
+        run = self.run
         seen.append(dict(x=params.x.clone(), sigma=params.sigma.clone(), layout=layout,
                          mask=None if run.mask is None else run.mask.clone(), z0=run.z0, noise=run.noise))
         return out
 
-    monkeypatch.setattr(a1111_adapter.A1111Session, "_edit_input", wrapped)
+    monkeypatch.setattr(hooks, "input", wrapped)
     return seen
 
 
@@ -404,7 +406,7 @@ def test_final_inpainting_pass_runs_the_hosts_inpainting_with_the_final_mask(mon
 def test_edit_mask_limits_colorization_to_the_mask(monkeypatch):
     """Both on in one img2img: the colour transfer acts only inside the mask; outside it, the result is the gray
     input's latent exactly (the tiny model's stand-in VAE cannot show colours, so this is checked on latents)."""
-    from tests.test_colorize import small
+    from tests.support.images import small
 
     init, ref = small("cheetah1.jpg"), photo("lion.jpg")
     kw = {**BASE, "prompt": "a cheetah", "cfg_scale": 3.0}
@@ -449,9 +451,9 @@ def test_no_maps_fails_loudly(monkeypatch):
     init = photo("cheetah1.jpg")
     with a1111_host("sd1") as h:
         h.load_script(SCRIPT)
-        from lib_attn.host import a1111
+        from lib_attn.methods.edit_mask.hooks_a1111 import Hooks
 
-        monkeypatch.setattr(a1111.A1111Session, "_edit_attn2",
+        monkeypatch.setattr(Hooks, "_attn2",
                             lambda self, module, call_next, *a, **kw: call_next(*a, **kw))
         with pytest.raises(S.SettingsError, match=r"edit_mask\.layers.*no cross-attention map"):
             h.img2img(script_args=edit_args(), init_images=[init], **BASE)

@@ -1,0 +1,107 @@
+"""Automatic edit mask on A1111: wrappers on the mask layers' cross-attention record each image's first cond row;
+the model input (before any rows are inserted) and the prediction (after CFG) keep the source outside the mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lib_attn.fields import SettingsError
+from lib_attn.hooks import A1111Hooks
+from lib_attn.methods.edit_mask import core as em
+from lib_attn.methods.edit_mask.run import token_counter
+
+
+class Hooks(A1111Hooks):
+    def __init__(self, ctx: Any, run: Any = None):
+        super().__init__(ctx, run)
+        self.count_tokens: Any = None
+        self.on = False  # the mask builds and blends at the step in progress
+
+    def begin_sampling(self) -> None:
+        self.count_tokens = token_counter(self.ctx.sd_model())
+        self.run.begin_batch()
+
+    def end_sampling(self) -> None:
+        p = self.ctx.p
+        self.run.finish_batch((int(p.width), int(p.height)), self.ctx.fail)
+
+    def follow_up(self) -> Any:
+        """The optional final inpainting pass: the host samples once more, as an inpainting run with the final
+        masks."""
+        run = self.run
+        if run.settings.final != "inpaint" or run.final is None:
+            return None
+        return run.inpainting(self.ctx.p)
+
+    def install(self, plan: Any, unet: Any, patches: Any) -> None:
+        if plan is None:
+            return
+        self.run.plan = plan
+        for key in plan.layers:
+            patches.wrap_forward(unet.get_submodule(key.module_path), self._attn2)
+
+    def step_active(self) -> bool:
+        self.on = self.ctx.plan.edit_mask is not None and not self.ctx.failed()
+        return self.on
+
+    def input(self, params: Any, layout: Any) -> bool:
+        """At the first step of a batch: the source latent, the sampler's starting noise and the prompt words;
+        later: the model input keeps the source (noised to each row's level) outside the mask."""
+        if not self.on:
+            return False
+        ctx, run = self.ctx, self.run
+        den = ctx.denoiser
+        first = list(layout.first_cond)
+        z0 = getattr(den, "init_latent", None)
+        if z0 is None:
+            z0 = getattr(ctx.p, "init_latent", None)
+        rows = layout.n_cond + layout.n_images
+        if not isinstance(z0, torch.Tensor) or int(z0.shape[0]) != layout.n_images or int(params.x.shape[0]) != rows:
+            ctx.fail(run.settings.FIELDS["enabled"].error("no init latent to keep (img2img only)"))
+            self.on = False
+            return False
+        if not run.started:
+            p = getattr(den, "p", None) or ctx.p
+            prompts = list(getattr(p, "prompts", None) or [])[: layout.n_images]
+            if len(prompts) != layout.n_images:
+                prompts = [str(getattr(p, "prompt", ""))] * layout.n_images
+            noise = ctx.noise_of(den, params.x[first], z0.to(params.x), params.sigma[first])
+            try:
+                run.start(prompts, self.count_tokens, z0, noise)
+            except SettingsError as e:
+                ctx.fail(e)
+                self.on = False
+                return False
+        else:
+            ctx.keep_source_input(run, params, layout)
+        return True
+
+    def blend_prediction(self, denoised: Any) -> Any:
+        if self.on and self.run.update(self.ctx.latent_hw) is not None:
+            return self.run.blend_denoised(denoised())
+        return None
+
+    def _attn2(self, module: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        """Cross-attention of the mask layers: the host's (optimized) attention gives the output; the probabilities
+        are computed again only for each image's first cond row in this call."""
+        out = call_next(*args, **kwargs)
+        ctx = self.ctx
+        if ctx.st is None or ctx.call is None or not self.on or ctx.private:
+            return out
+        x = args[0]
+        context = kwargs.get("context", args[1] if len(args) > 1 else None)
+        if not isinstance(context, torch.Tensor):
+            ctx.fail(self.run.settings.FIELDS["layers"].error("the cross-attention call has no text context"))
+            return out
+        where = ctx.first_cond_rows(x, self.run.settings.FIELDS["layers"])
+        if where is None:
+            return out
+        local, hw = where
+        rows = [j for _, j in local]
+        with torch.no_grad():
+            probs = em.cross_attention_probs(module, x[rows], context[rows])
+        for (i, _), pr in zip(local, probs, strict=True):
+            self.run.add(i, pr, hw)
+        return out

@@ -1,0 +1,80 @@
+"""Style reference on the Forge family: after CFG, a capture call on the noised style images, then the inner
+gradient steps on the negative-prompt prediction's features (the host samples under ``inference_mode``, so every
+tensor the graph keeps is made outside it); the recording layers are ``attn1`` replace patches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lib_attn import ops
+from lib_attn.hooks import MODE, ForgeHooks, with_transformer_option
+from lib_attn.methods.style import core as style
+from lib_attn.methods.style.run import error_for
+
+
+class Hooks(ForgeHooks):
+    def __init__(self, ctx: Any, run: Any = None):
+        super().__init__(ctx, run)
+        self.recorder = style.Recorder()
+        self.keys: set = set()
+
+    def check(self, plans: tuple) -> None:
+        if self.run.settings.checkpointing == "on" and any(plan.style is not None for plan in plans):
+            # Forge's blocks add in place: recomputed activations would be overwritten (wrong gradients)
+            raise self.run.settings.FIELDS["checkpointing"].error(
+                "gradient checkpointing is not available on Forge (its transformer blocks add in place, "
+                "which makes recomputed gradients wrong); use auto or off"
+            )
+
+    def begin_sampling(self) -> None:
+        self.run.begin(self.ctx.p)
+
+    def install(self, plan: Any) -> dict:
+        self.keys = set()
+        if plan is None:
+            return {}
+        self.recorder = style.Recorder(plan.tau, plan.content_weight)
+        self.keys = {k.forge_key for k in plan.layers}
+        return {"attn1": self.keys}
+
+    def attn1(self, key: tuple, q: Any, k: Any, v: Any, extra_options: dict) -> Any:
+        if self.recorder.mode is None:
+            return None
+        return self.recorder.attend(key, q, k, v, int(extra_options["n_heads"]))
+
+    def post_cfg(self, args: dict, denoised: Any) -> Any:
+        plan, ctx = self.ctx.plan.style, self.ctx
+        if plan is None or ctx.failed() or not plan.active_at(ctx.step, ctx.total_steps):
+            return denoised
+        try:
+            return denoised + self._delta(args, denoised)
+        except Exception as e:  # the host would log and drop it: fail the generation with the cause
+            ctx.fail(error_for(e))
+            return denoised
+
+    def _delta(self, args: dict, denoised: Any) -> Any:
+        """AD guidance for this step; the AD gradient is taken at the latent being sampled (classifier-guidance
+        style) and its displacement moves the (AdaIN-matched) prediction."""
+        plan, si, rec, ctx = self.ctx.plan.style, self.run, self.recorder, self.ctx
+        model = args["model"]
+        conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
+        with torch.inference_mode(False):
+            x, sigma, d = args["input"].clone(), args["sigma"].clone(), denoised.clone()
+            z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x).clone()
+            rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, plan.content_weight > 0)
+            target = ops.adain(d.float(), z_ref[ref_of].float()).to(d.dtype) if plan.adain else d
+            x_cap = clean + noise * sigma[owner].view(-1, 1, 1, 1)
+        options = with_transformer_option(args["model_options"], MODE, "off")
+        unet = model.diffusion_model
+        rec.clear()
+        with torch.inference_mode(False), torch.no_grad(), rec.capturing(rows, ref_of):
+            ctx.calc(model, conds, None, x_cap, sigma[owner], options)
+        with style.normal_weights(unet), style.snapshot_saved_tensors(unet):
+            disp, losses = style.guided_displacement(
+                lambda z: ctx.calc(model, conds, None, z, sigma, options), rec, x, plan.strength, plan.iters
+            )
+        rec.clear()
+        si.losses.append(losses)
+        return (target + disp - d).to(denoised.dtype)
