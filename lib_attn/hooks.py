@@ -11,6 +11,7 @@ from the WebUI.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,19 @@ class ForgeContext:
     step: int = 0
     total_steps: int = 0
     failed: Callable[[], bool] = lambda: False  # whether the generation has already failed
+
+
+def make_hooks(settings: Any, family: str, ctx: Any, runs: dict) -> list[tuple[str, Any]]:
+    """``(method name, Hooks)`` of every method that is switched on, in method order; ``family`` names the hook
+    module (``"forge"``: ``hooks_forge.py``, ``"a1111"``: ``hooks_a1111.py``)."""
+    from lib_attn.methods import METHODS
+
+    out = []
+    for m in METHODS:
+        if settings.section(m.name).active:
+            module = importlib.import_module(f"lib_attn.methods.{m.name}.hooks_{family}")
+            out.append((m.name, module.Hooks(ctx, runs.get(m.name))))
+    return out
 
 
 def with_attn1_replace(model_options: dict, patch: Any, keys: list[tuple[str, int, int]]) -> dict:
@@ -118,6 +132,28 @@ class ForgeHooks:
         return None
 
 
+def source_latent(ctx: ForgeContext, params: Any, from_p: bool = False) -> Tensor | None:
+    """The source latent of the pass (the denoiser's ``init_latent``; with ``from_p`` also ``p.init_latent``), None
+    where there is none with one row per image of ``params.x``."""
+    z0 = getattr(params.denoiser, "init_latent", None)
+    if z0 is None and from_p:
+        z0 = getattr(ctx.p, "init_latent", None)
+    return z0 if isinstance(z0, torch.Tensor) and z0.shape[0] == params.x.shape[0] else None
+
+
+def start_noise(params: Any, z0: Tensor) -> Tensor:
+    """The noise that makes the first model input from ``z0`` (k-diffusion: ``x = z0 + sigma * noise``)."""
+    x = params.x
+    return (x - z0.to(x)) / params.sigma.view(-1, 1, 1, 1).to(x)
+
+
+def keep_source(run: Any, params: Any) -> None:
+    """The model input (one row per image) keeps ``run``'s source, noised to this level, outside its mask."""
+    x, sigma = params.x, params.sigma
+    noised = run.z0.to(x) + run.noise.to(x) * sigma.view(-1, 1, 1, 1).to(x)
+    params.x = run.blend_input(x, list(range(x.shape[0])), noised)
+
+
 def cond_chunk(ctx: ForgeContext, key: Any, q: Tensor, extra_options: dict, seen: set, field: Any) -> tuple | None:
     """For attention maps of the cond rows: ``(start, stop, (h, w))`` of this attention call's cond rows and its
     grid, once per step and layer (the step's own model call, not a method's extra call) and never in a method's
@@ -146,7 +182,6 @@ class Step:
 
     layout: Any  # lib_attn.batch.BatchLayout
     denoiser: Any
-    cond_out: Tensor | None = None  # each image's first cond row of the model output
     blend_in: tuple | None = None  # (model input, sigma) of those rows, after the input blends
 
 
@@ -156,7 +191,8 @@ class A1111Hooks:
     ``st`` (the :class:`Step` in progress, None outside one), ``call`` (``(first row, rows)`` of the UNet call in
     progress in the step's layout), ``private`` (a method's own model call is running: others pass through),
     ``latent_hw``, ``sub_call(call_next, args, kwargs, n, a, b)`` (rows a..b of a wrapped call as a call of their
-    own), ``run_private(layout, x, sigma, cond)``, ``condition(...)``, and the sampler maths ``noised``,
+    own), ``call_span(start, rows)``, ``cond_out`` (after CFG: each image's first cond row of the model output),
+    ``first_cond_rows``, ``keep_source_input``, ``condition(...)``, ``like(...)``, and the sampler maths ``noised``,
     ``noise_of``, ``to_denoised``, ``from_denoised``, ``x_per_denoised``, ``unet_input_scale``, ``timestep``,
     ``cfg_scale``, ``in_one_call``, ``in_batch``, ``unet(denoiser)``."""
 

@@ -98,8 +98,32 @@ class Session:
         self.pass_key: tuple | None = None
         self.patches = PatchSet()
         self.runs: dict[str, Any] = {}  # method name -> its run object (see make_runs)
-        self.step = 0
-        self.total_steps = 0
+        self.named_hooks: list[tuple[str, Any]] = []  # (method name, its host hooks), in method order
+
+    @property
+    def hooks(self) -> list:
+        return [h for _, h in self.named_hooks]
+
+    @contextlib.contextmanager
+    def running_hooks(self):
+        """One host sampling call for the hooks: ``begin_sampling``; ``end_sampling`` when it returned with no error;
+        ``after_sampling`` however it ended."""
+        for h in self.hooks:
+            h.begin_sampling()
+        try:
+            yield
+            for h in self.hooks:
+                if self.error is None:
+                    h.end_sampling()
+        finally:
+            for h in self.hooks:
+                h.after_sampling()
+
+    def follow_up_scope(self) -> Any:
+        """The first hook's scope for one more host sampling call, or None (and None after a failure)."""
+        if self.error is not None:
+            return None
+        return next((s for s in (h.follow_up() for h in self.hooks) if s is not None), None)
 
     def fail(self, error: Exception) -> None:
         """Remember the first error; it is raised when sampling returns."""

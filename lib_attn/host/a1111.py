@@ -18,7 +18,6 @@ prediction blends.  This file names no method.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -29,24 +28,14 @@ from torch import nn
 
 from lib_attn import batch as batchmod
 from lib_attn.batch import BatchLayout
-from lib_attn.hooks import Step
+from lib_attn.hooks import Step, make_hooks
 from lib_attn.host.a1111_context import A1111Context, _cat_conds, _condition, _like, _rows, current_unet, unet_of
 from lib_attn.host.services import SERVICES
-from lib_attn.methods import METHODS
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import Session, attach, check_settings_against, layer_keys, layer_widths, make_runs, plan_pass
 from lib_attn.settings import Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
-
-
-def _hooks_of(settings: Settings, ctx: A1111Context, runs: dict) -> list:
-    out = []
-    for m in METHODS:
-        if settings.section(m.name).active:
-            module = importlib.import_module(f"lib_attn.methods.{m.name}.hooks_a1111")
-            out.append((m.name, module.Hooks(ctx, runs.get(m.name))))
-    return out
 
 
 class A1111Session(Session):
@@ -55,12 +44,10 @@ class A1111Session(Session):
         self.p = p
         self.runs = make_runs(p, settings, SERVICES)
         self.ctx = A1111Context(self)
-        self.named_hooks = _hooks_of(settings, self.ctx, self.runs)
-        self.hooks = [h for _, h in self.named_hooks]
+        self.named_hooks = make_hooks(settings, "a1111", self.ctx, self.runs)
         self._cursor = 0
         self._img2img = bool(getattr(p, "init_images", None))
         self._pass_is_hr: bool | None = None  # is_hr_pass of the pass in progress (a refiner swap stays in it)
-        self.sigma: torch.Tensor | None = None
 
     # ---- lifetime -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -70,36 +57,30 @@ class A1111Session(Session):
         if unet is not None:
             clean_leftovers(unet)
             check_settings_against(unet, self.settings, img2img=self._img2img)
-        for h in self.hooks:
-            h.begin_sampling()
         callbacks = (
             (script_callbacks.on_cfg_denoiser, self.guarded(self.on_cfg_denoiser)),
             (script_callbacks.on_cfg_denoised, self.guarded(self.on_cfg_denoised)),
             (script_callbacks.on_cfg_after_cfg, self.guarded(self.on_cfg_after_cfg)),
         )
         try:
-            for register, fn in callbacks:
-                register(fn)
-            yield self
-            for h in self.hooks:
-                if self.error is None:
-                    h.end_sampling()
+            with self.running_hooks():
+                try:
+                    for register, fn in callbacks:
+                        register(fn)
+                    yield self
+                finally:
+                    for _, fn in callbacks:
+                        script_callbacks.remove_callbacks_for_function(fn)
         finally:
-            for h in self.hooks:
-                h.after_sampling()
             self._pass_is_hr = None
-            for _, fn in callbacks:
-                script_callbacks.remove_callbacks_for_function(fn)
             self.end_pass()
-            self.ctx.st = None
+            self.ctx.st = self.ctx.cond_out = None
 
     @contextlib.contextmanager
     def follow_up(self):
         """A method that asks for it (a final pass of its own): the host samples once more; none of the hooks is
         installed then (they live inside ``sampling``)."""
-        scope = None
-        if self.error is None:
-            scope = next((s for s in (h.follow_up() for h in self.hooks) if s is not None), None)
+        scope = self.follow_up_scope()
         if scope is None:
             yield False
             return
@@ -142,11 +123,11 @@ class A1111Session(Session):
     # ---- CFG callbacks ----------------------------------------------------------------------
     def on_cfg_denoiser(self, params: Any) -> None:
         ctx = self.ctx
-        ctx.st = None
+        ctx.st = ctx.cond_out = None
         den = params.denoiser
         self._ensure_pass(den)
-        self.step, self.total_steps = params.sampling_step, params.total_sampling_steps
-        ctx.step, ctx.total_steps, ctx.denoiser, self.sigma = self.step, self.total_steps, den, params.sigma
+        ctx.step, ctx.total_steps = params.sampling_step, params.total_sampling_steps
+        ctx.denoiser, ctx.sigma = den, params.sigma
         if self.plan is None or not self.plan.any:
             return
         active = [h.step_active() for h in self.hooks]
@@ -207,7 +188,7 @@ class A1111Session(Session):
         st = self.ctx.st
         if st is None:
             return
-        st.cond_out = params.x[list(st.layout.first_cond)].clone()
+        self.ctx.cond_out = params.x[list(st.layout.first_cond)].clone()
         for h in self.hooks:
             h.denoised(params.x)
 
@@ -215,11 +196,10 @@ class A1111Session(Session):
         ctx = self.ctx
         st, ctx.st = ctx.st, None
         ctx.call = None
-        if st is None or st.cond_out is None:
+        if st is None or ctx.cond_out is None:
             return
-        ctx.cond_out = st.cond_out
         try:
-            delta = torch.zeros_like(st.cond_out)
+            delta = torch.zeros_like(ctx.cond_out)
             for h in self.hooks:
                 delta = h.after_cfg(params, delta)
             den = st.denoiser

@@ -48,6 +48,7 @@ class A1111Context:
         self.uncond_rows_transformed = False  # a method changes the uncond rows' output at this step
         self.cond_out: torch.Tensor | None = None  # after CFG: each image's first cond row of the model output
         self.denoiser: Any = None
+        self.sigma: torch.Tensor | None = None  # the CFG denoiser's sigma (timestep samplers: timestep) this step
 
     @property
     def private(self) -> bool:
@@ -99,6 +100,16 @@ class A1111Context:
             return None
         return local, hw
 
+    def source_latent(self, params: Any, layout: BatchLayout, from_p: bool = False) -> torch.Tensor | None:
+        """The source latent of the pass (the denoiser's ``init_latent``; with ``from_p`` also ``p.init_latent``), None
+        where there is none with one row per image, or the rows are not the host's cond and uncond rows."""
+        z0 = getattr(self.denoiser, "init_latent", None)
+        if z0 is None and from_p:
+            z0 = getattr(self.p, "init_latent", None)
+        rows = layout.n_cond + layout.n_images
+        ok = isinstance(z0, torch.Tensor) and int(z0.shape[0]) == layout.n_images and int(params.x.shape[0]) == rows
+        return z0 if ok else None
+
     def keep_source_input(self, run: Any, params: Any, layout: BatchLayout) -> None:
         """The model input keeps ``run``'s source, noised to each row's level, outside its mask (every cond and
         uncond row as the host made them, before any rows of the methods are inserted)."""
@@ -114,7 +125,7 @@ class A1111Context:
         return hasattr(getattr(den or self.denoiser, "inner_model", None), "sigma_to_t")
 
     def timestep(self) -> float | None:
-        s = self._session.sigma[:1]
+        s = self.sigma[:1]
         if self.is_kdiffusion():
             return float(self.denoiser.inner_model.sigma_to_t(s)[0])
         return float(s[0])  # timestep samplers (DDIM/PLMS/UniPC) pass the timestep as "sigma"

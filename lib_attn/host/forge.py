@@ -16,9 +16,8 @@ from typing import Any
 
 from modules import script_callbacks
 
-from lib_attn.hooks import ForgeContext, block_key
+from lib_attn.hooks import ForgeContext, block_key, make_hooks
 from lib_attn.host.services import SERVICES
-from lib_attn.methods import METHODS
 from lib_attn.registry import clean_leftovers
 from lib_attn.session import (
     Session,
@@ -56,16 +55,6 @@ def _attention(q: Any, k: Any, v: Any, heads: int) -> Any:
     return attention_function(q, k, v, heads)
 
 
-def hooks_of(settings: Settings, ctx: ForgeContext, runs: dict) -> list:
-    """One ``Hooks`` per method that is switched on, in method order."""
-    out = []
-    for m in METHODS:
-        if settings.section(m.name).active:
-            module = importlib.import_module(f"lib_attn.methods.{m.name}.hooks_forge")
-            out.append(module.Hooks(ctx, runs.get(m.name)))
-    return out
-
-
 class ForgeSession(Session):
     def __init__(self, p: Any, settings: Settings):
         super().__init__(settings)
@@ -80,7 +69,7 @@ class ForgeSession(Session):
             img2img=bool(getattr(p, "init_images", None)),
             failed=lambda: self.error is not None,
         )
-        self.hooks = hooks_of(settings, self.ctx, self.runs)
+        self.named_hooks = make_hooks(settings, "forge", self.ctx, self.runs)
         self._inpainting = False  # a follow-up pass runs unpatched
         self._attn: dict[str, dict[tuple, list]] = {"attn1": {}, "attn2": {}}  # key -> hooks patching it
         self._observers: dict[tuple, list] = {}
@@ -95,28 +84,22 @@ class ForgeSession(Session):
         plans = check_settings_against(unet, self.settings, img2img=self.ctx.img2img)
         for h in self.hooks:
             h.check(plans)
-        for h in self.hooks:
-            h.begin_sampling()
         on_cfg_denoiser = self.guarded(self.on_cfg_denoiser)
-        script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
         try:
-            yield self
-            for h in self.hooks:
-                if self.error is None:
-                    h.end_sampling()
+            with self.running_hooks():
+                script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+                try:
+                    yield self
+                finally:
+                    script_callbacks.remove_callbacks_for_function(on_cfg_denoiser)
         finally:
-            script_callbacks.remove_callbacks_for_function(on_cfg_denoiser)
-            for h in self.hooks:
-                h.after_sampling()
             self.end_pass()
 
     @contextlib.contextmanager
     def follow_up(self):
         """A method that asks for it (a final pass of its own): the host samples once more with fresh,
         unpatched ``forge_objects`` (as Forge sets them before a pass)."""
-        scope = None
-        if self.error is None:
-            scope = next((s for s in (h.follow_up() for h in self.hooks) if s is not None), None)
+        scope = self.follow_up_scope()
         if scope is None:
             yield False
             return
@@ -133,7 +116,6 @@ class ForgeSession(Session):
 
     def on_cfg_denoiser(self, params: Any) -> None:
         self.ctx.step, self.ctx.total_steps = params.sampling_step, params.total_sampling_steps
-        self.step, self.total_steps = self.ctx.step, self.ctx.total_steps
         if self.plan is None:
             return
         for h in self.hooks:
@@ -157,16 +139,16 @@ class ForgeSession(Session):
             self.fail(e)
             return
         self.ctx.plan = self.plan
-        for h, m in self._with_methods():
-            h.begin_pass(self.plan.of(m.name))
+        for name, h in self.named_hooks:
+            h.begin_pass(self.plan.of(name))
         if not self.plan.any:
             return
         clone = fo.unet.clone()
         setattr(clone, _CLONE_MARK, self)
         clone.set_model_sampler_post_cfg_function(self._post_cfg)
         self._attn, self._observers, self._wrappers = {"attn1": {}, "attn2": {}}, {}, []
-        for h, m in self._with_methods():
-            wants = h.install(self.plan.of(m.name))
+        for name, h in self.named_hooks:
+            wants = h.install(self.plan.of(name))
             for kind in ("attn1", "attn2"):
                 for key in wants.get(kind, ()):
                     self._attn[kind].setdefault(key, []).append(h)
@@ -182,10 +164,6 @@ class ForgeSession(Session):
         for key in self._attn["attn2"]:
             clone.set_model_patch_replace(self._attn2_patch, "attn2", key[0], key[1], key[2])
         fo.unet = clone
-
-    def _with_methods(self) -> list:
-        names = [m for m in METHODS if self.settings.section(m.name).active]
-        return list(zip(self.hooks, names, strict=True))
 
     def _post_cfg(self, args: dict) -> Any:
         denoised = args["denoised"]

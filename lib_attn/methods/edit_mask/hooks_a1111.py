@@ -54,19 +54,13 @@ class Hooks(A1111Hooks):
         ctx, run = self.ctx, self.run
         den = ctx.denoiser
         first = list(layout.first_cond)
-        z0 = getattr(den, "init_latent", None)
+        z0 = ctx.source_latent(params, layout, from_p=True)
         if z0 is None:
-            z0 = getattr(ctx.p, "init_latent", None)
-        rows = layout.n_cond + layout.n_images
-        if not isinstance(z0, torch.Tensor) or int(z0.shape[0]) != layout.n_images or int(params.x.shape[0]) != rows:
             ctx.fail(run.settings.FIELDS["enabled"].error("no init latent to keep (img2img only)"))
             self.on = False
             return False
         if not run.started:
-            p = getattr(den, "p", None) or ctx.p
-            prompts = list(getattr(p, "prompts", None) or [])[: layout.n_images]
-            if len(prompts) != layout.n_images:
-                prompts = [str(getattr(p, "prompt", ""))] * layout.n_images
+            prompts = run.prompts(getattr(den, "p", None) or ctx.p, layout.n_images)
             noise = ctx.noise_of(den, params.x[first], z0.to(params.x), params.sigma[first])
             try:
                 run.start(prompts, self.count_tokens, z0, noise)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lib_attn.fields import SettingsError
-from lib_attn.hooks import ForgeHooks, cond_chunk
+from lib_attn.hooks import ForgeHooks, cond_chunk, keep_source, source_latent, start_noise
 from lib_attn.methods.edit_mask import core as em
 from lib_attn.methods.edit_mask.run import token_counter
 
@@ -47,26 +47,18 @@ class Hooks(ForgeHooks):
         ctx, run = self.ctx, self.run
         if ctx.plan.edit_mask is None or ctx.failed():
             return
-        x, sigma = params.x, params.sigma
-        z0 = getattr(params.denoiser, "init_latent", None)
+        z0 = source_latent(ctx, params, from_p=True)
         if z0 is None:
-            z0 = getattr(ctx.p, "init_latent", None)
-        if not isinstance(z0, torch.Tensor) or z0.shape[0] != x.shape[0]:
             ctx.fail(run.settings.FIELDS["enabled"].error("no init latent to keep (img2img only)"))
             return
-        view = (-1, 1, 1, 1)
         if not run.started:
-            prompts = list(getattr(ctx.p, "prompts", None) or [])[: x.shape[0]]
-            if len(prompts) != x.shape[0]:
-                prompts = [str(getattr(ctx.p, "prompt", ""))] * x.shape[0]
-            z0 = z0.to(x)
+            prompts = run.prompts(ctx.p, int(params.x.shape[0]))
             try:
-                run.start(prompts, self.count_tokens, z0, (x - z0) / sigma.view(view).to(x))
+                run.start(prompts, self.count_tokens, z0.to(params.x), start_noise(params, z0))
             except SettingsError as e:
                 ctx.fail(e)
             return
-        images = list(range(x.shape[0]))
-        params.x = run.blend_input(x, images, run.z0.to(x) + run.noise.to(x) * sigma.view(view).to(x))
+        keep_source(run, params)
 
     def attn2(self, key: tuple, q: Any, k: Any, v: Any, extra_options: dict) -> Any:
         """The probabilities are computed again for the cond rows of the step's first call only; the output is

@@ -76,6 +76,12 @@ class EditMaskRun:
     def started(self) -> bool:
         return self.builders is not None
 
+    @staticmethod
+    def prompts(p: Any, n_images: int) -> list[str]:
+        """The prompt of each image of the batch (the processing's own list, else its one prompt for all)."""
+        prompts = list(getattr(p, "prompts", None) or [])[:n_images]
+        return prompts if len(prompts) == n_images else [str(getattr(p, "prompt", ""))] * n_images
+
     def start(self, prompts: Sequence[str], count_tokens: Callable[[str], int], z0: Tensor, noise: Tensor) -> None:
         """First step of a batch: words per image, the source latent and the sampler's starting noise."""
         plan = self.plan

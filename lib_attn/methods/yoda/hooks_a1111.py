@@ -52,9 +52,8 @@ class Hooks(A1111Hooks):
         ctx, run = self.ctx, self.run
         den = ctx.denoiser
         first = list(layout.first_cond)
-        z0 = getattr(den, "init_latent", None)
-        rows = layout.n_cond + layout.n_images
-        if not isinstance(z0, torch.Tensor) or int(z0.shape[0]) != layout.n_images or int(params.x.shape[0]) != rows:
+        z0 = ctx.source_latent(params, layout)
+        if z0 is None:
             ctx.fail(run.settings.FIELDS["enabled"].error("this sampling pass has no source latent to upscale"))
             return False
         at = (int(getattr(den, "step", ctx.step)), ctx.services.pass_calls(den))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lib_attn.fields import SettingsError
-from lib_attn.hooks import ForgeHooks, cond_chunk
+from lib_attn.hooks import ForgeHooks, cond_chunk, keep_source, source_latent, start_noise
 from lib_attn.methods.yoda import core as yd
 
 
@@ -42,26 +42,23 @@ class Hooks(ForgeHooks):
         ctx, run = self.ctx, self.run
         if ctx.plan.yoda is None or ctx.failed():
             return
-        x, sigma, den = params.x, params.sigma, params.denoiser
-        z0 = getattr(den, "init_latent", None)
-        if not isinstance(z0, torch.Tensor) or z0.shape[0] != x.shape[0]:
+        den = params.denoiser
+        z0 = source_latent(ctx, params)
+        if z0 is None:
             ctx.fail(run.settings.FIELDS["enabled"].error("this sampling pass has no source latent to upscale"))
             return
         at = (int(getattr(den, "step", ctx.step)), ctx.services.pass_calls(den))
         self.at = at
-        view = (-1, 1, 1, 1)
         if not run.started:
-            z0 = z0.to(x)
             try:
-                run.start_pass(ctx.p, z0, (x - z0) / sigma.view(view).to(x))
+                run.start_pass(ctx.p, z0.to(params.x), start_noise(params, z0))
             except SettingsError as e:
                 ctx.fail(e)
                 return
             run.mask_for(*at)  # the first call's input is the noised source everywhere: nothing to blend
             return
         if run.mask_for(*at) is not None:
-            images = list(range(x.shape[0]))
-            params.x = run.blend_input(x, images, run.z0.to(x) + run.noise.to(x) * sigma.view(view).to(x))
+            keep_source(run, params)
 
     def observe_attn1(self, key: tuple, q: Any, k: Any, extra_options: dict) -> None:
         """The "unet" source: per-token saliency of the cond rows at the pass's first call (once per layer)."""
