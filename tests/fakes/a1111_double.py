@@ -21,8 +21,9 @@ from types import SimpleNamespace
 
 import torch
 
+from tests.support.harness import HarnessBase
+
 FAKES = pathlib.Path(__file__).resolve().parent / "a1111_double"
-CFG_CATEGORIES = ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg")
 HOST_PREFIXES = ("modules", "backend", "ldm_patched", "modules_forge", "lib_attn.host.")
 
 
@@ -61,7 +62,7 @@ def load_script_module(path: pathlib.Path):
     return module
 
 
-class A1111Host:
+class A1111Host(HarnessBase):
     """Handle yielded by ``a1111_host``; its common API with ``ForgeHost`` is ``tests.support.harness.Harness``."""
 
     def __init__(self, kind: str, models: dict | None, dtype=None):
@@ -106,31 +107,6 @@ class A1111Host:
 
         model.apply_model = apply_model
         return model
-
-    @property
-    def unet_rows(self) -> list[int]:
-        return [c["rows"] for c in self.unet_calls]
-
-    @property
-    def errors(self) -> list[str]:
-        return self.modules.errors.reported
-
-    @property
-    def sd_model(self):
-        return self.modules.shared.sd_model
-
-    def callback_count(self, category: str | None = None) -> int:
-        """Registered script callbacks.  With ``category`` (e.g. ``"cfg_denoiser"``): all of that category;
-        without: the CFG callbacks (``cfg_denoiser``, ``cfg_denoised``, ``cfg_after_cfg``) that did not exist
-        right after the last ``load_script``/``start``, i.e. those a generation left behind."""
-        cmap = self.modules.script_callbacks.callback_map
-        if category is not None:
-            return len(cmap["callbacks_" + category])
-        return sum(1 for k in CFG_CATEGORIES for c in cmap["callbacks_" + k] if id(c) not in self._baseline)
-
-    def _snapshot_callbacks(self) -> None:
-        self._baseline_refs = [c for lst in self.modules.script_callbacks.callback_map.values() for c in lst]
-        self._baseline = {id(c) for c in self._baseline_refs}
 
     def load_script(self, path):
         import gradio as gr

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from tests.support.harness import HarnessBase
+
 FORGE_ROOT = pathlib.Path(__file__).resolve().parent / "forge"
-CFG_CATEGORIES = ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg")
 HOST_PREFIXES = ("modules", "backend", "modules_forge", "scripts", "lib_attn.host")
 CHECKPOINTS = {
     "sd1": "tiny-sd1.safetensors",
@@ -98,7 +99,7 @@ class _Namespace:
         return importlib.import_module(f"{self._package}.{name}")
 
 
-class ForgeHost:
+class ForgeHost(HarnessBase):
     """Handle yielded by ``forge_host``; its common API with ``A1111Host`` is ``tests.support.harness.Harness``."""
 
     def __init__(self, kind: str):
@@ -125,32 +126,6 @@ class ForgeHost:
                 "inference_mode": torch.is_inference_mode_enabled(),
             }
         )
-
-    @property
-    def unet_rows(self) -> list[int]:
-        return [c["rows"] for c in self.unet_calls]
-
-    @property
-    def errors(self) -> list:
-        """``(message, exception)`` for every ``errors.report`` (hook and callback failures)."""
-        return self.modules.errors.reported
-
-    @property
-    def sd_model(self):
-        return self.modules.shared.sd_model
-
-    def callback_count(self, category: str | None = None) -> int:
-        """Registered script callbacks.  With ``category`` (e.g. ``"cfg_denoiser"``): all of that category;
-        without: the CFG callbacks (``cfg_denoiser``, ``cfg_denoised``, ``cfg_after_cfg``) that did not exist
-        right after the last ``load_script``/``start``, i.e. those a generation left behind."""
-        cmap = self.modules.script_callbacks.callback_map
-        if category is not None:
-            return len(cmap["callbacks_" + category])
-        return sum(1 for k in CFG_CATEGORIES for c in cmap["callbacks_" + k] if id(c) not in self._baseline)
-
-    def _snapshot_callbacks(self) -> None:
-        self._baseline_refs = [c for lst in self.modules.script_callbacks.callback_map.values() for c in lst]
-        self._baseline = {id(c) for c in self._baseline_refs}
 
     # ---- scripts ------------------------------------------------------------------------------
     def load_script(self, path) -> types.ModuleType:

@@ -77,3 +77,39 @@ class Harness(Protocol):
 
     def api_img2img(self, payload: dict) -> tuple[int, dict]:
         """``/sdapi/v1/img2img``; as ``api_txt2img``."""
+
+
+CFG_CATEGORIES = ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg")
+
+
+class HarnessBase:
+    """What the two doubles' harness classes share (they read the same names from their ``modules``)."""
+
+    modules: Any
+    unet_calls: list[dict]
+
+    @property
+    def unet_rows(self) -> list[int]:
+        return [c["rows"] for c in self.unet_calls]
+
+    @property
+    def errors(self) -> list:
+        """What the double's ``errors.report`` recorded (hook and callback failures)."""
+        return self.modules.errors.reported
+
+    @property
+    def sd_model(self):
+        return self.modules.shared.sd_model
+
+    def callback_count(self, category: str | None = None) -> int:
+        """Registered script callbacks.  With ``category`` (e.g. ``"cfg_denoiser"``): all of that category;
+        without: the CFG callbacks (``cfg_denoiser``, ``cfg_denoised``, ``cfg_after_cfg``) that did not exist
+        right after the last ``load_script``/``start``, i.e. those a generation left behind."""
+        cmap = self.modules.script_callbacks.callback_map
+        if category is not None:
+            return len(cmap["callbacks_" + category])
+        return sum(1 for k in CFG_CATEGORIES for c in cmap["callbacks_" + k] if id(c) not in self._baseline)
+
+    def _snapshot_callbacks(self) -> None:
+        self._baseline_refs = [c for lst in self.modules.script_callbacks.callback_map.values() for c in lst]
+        self._baseline = {id(c) for c in self._baseline_refs}

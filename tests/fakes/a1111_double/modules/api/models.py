@@ -1,24 +1,3 @@
-"""``modules.api.models`` (the parts the scripts machinery uses)."""
+"""``modules.api.models``: the same in A1111 1.10 and Forge 2.x (tests/fakes/common/api_models.py)."""
 
-from __future__ import annotations
-
-import dataclasses
-from typing import Any
-
-
-@dataclasses.dataclass
-class ScriptArg:
-    label: str = None
-    value: Any = None
-    minimum: Any = None
-    maximum: Any = None
-    step: Any = None
-    choices: list | None = None
-
-
-@dataclasses.dataclass
-class ScriptInfo:
-    name: str = None
-    is_alwayson: bool = None
-    is_img2img: bool = None
-    args: list = dataclasses.field(default_factory=list)
+from tests.fakes.common.api_models import ScriptArg, ScriptInfo  # noqa: F401
