@@ -40,7 +40,7 @@ class BatchLayout:
     n_images: int  # B
     first_cond: tuple[int, ...]  # per image, the row of its first cond (AND sub-prompt 0)
     cond_image: tuple[int, ...] = ()  # per cond row, its image
-    groups: tuple[tuple[str, tuple[int, ...]], ...] = (("pag", ()),)
+    groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def n_extra(self) -> int:
@@ -93,8 +93,8 @@ class BatchLayout:
 
     @classmethod
     def from_repeats(cls, repeats: Sequence[int]) -> BatchLayout:
-        """``repeats[i]`` = number of cond rows (AND sub-prompts) of image i.  One default group of
-        B extra rows named ``"pag"`` (a copy of each image's first cond row)."""
+        """``repeats[i]`` = number of cond rows (AND sub-prompts) of image i; no extra rows (the rows as the host
+        made them: cond rows, then uncond rows)."""
         firsts, images, row = [], [], 0
         for i, r in enumerate(repeats):
             if r < 1:
@@ -103,7 +103,7 @@ class BatchLayout:
             images += [i] * r
             row += r
         n = len(repeats)
-        return cls(row, n, tuple(firsts), tuple(images), (("pag", tuple(range(n))),))
+        return cls(row, n, tuple(firsts), tuple(images))
 
 
 def take_rows(t: Any, rows: Sequence[int]) -> Any:

@@ -9,6 +9,8 @@ from lib_attn.batch import BatchLayout, insert_rows, local_span, take_rows
 
 def test_layout_with_and_prompts():
     lay = BatchLayout.from_repeats([2, 1, 3])  # image 0 has "a AND b", image 2 three sub-prompts
+    assert lay.extra == range(6, 6) and lay.total == 9  # the host's rows: no extra rows yet
+    lay = lay.with_groups([("pag", range(3))])  # one row per image inserted
     assert lay.first_cond == (0, 2, 3)
     assert lay.n_cond == 6 and lay.n_images == 3
     assert lay.extra == range(6, 9)

@@ -151,8 +151,8 @@ class A1111Session(Session):
             g, c = h.rows(params, layout)
             groups += g
             capture += [(h, c_) for c_ in c]
-        # no rows to insert (a capture call of its own, or methods without rows): the layout has no groups
-        layout = self._insert_rows(params, layout, groups) if groups else layout.with_groups([])
+        if groups:
+            layout = self._insert_rows(params, layout, groups)
         ctx.st = Step(layout, den, blend_in=blend_in)
         self._cursor = 0
         if capture:

@@ -113,8 +113,7 @@ class A1111Context:
     def keep_source_input(self, run: Any, params: Any, layout: BatchLayout) -> None:
         """The model input keeps ``run``'s source, noised to each row's level, outside its mask (every cond and
         uncond row as the host made them, before any rows of the methods are inserted)."""
-        plain = layout.with_groups([])  # the rows as the host made them: cond rows, then uncond rows
-        images = [plain.image_of_row(r) for r in range(plain.n_cond + plain.n_images)]
+        images = [layout.image_of_row(r) for r in range(layout.n_cond + layout.n_images)]
         noised = self.noised(run.z0[images].to(params.x), run.noise[images].to(params.x), params.sigma)
         params.x = run.blend_input(params.x, images, noised)
 
