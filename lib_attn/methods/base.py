@@ -8,7 +8,7 @@ state, ``hooks.py`` what it does at each host event.  :data:`lib_attn.methods.OR
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,8 @@ class PlanContext:
 class Method:
     """One method.  ``plan(settings, ctx)`` returns its plan for a pass (None: inactive in that pass) and raises
     the field's SettingsError for bad values; ``run(p, settings, services)`` makes its per-generation run object
-    (None: the method keeps no state); ``hooks`` is its hook class (see :mod:`lib_attn.hooks`)."""
+    (None: the method keeps no state).  Its host hooks are ``hooks_<family>.Hooks`` in its folder
+    (:func:`lib_attn.hooks.make_hooks`)."""
 
     name: str
     title: str
@@ -39,7 +40,6 @@ class Method:
     section: type = Section  # a Section subclass with the method's properties and checks
     tabs: tuple[str, ...] = ("txt2img", "img2img")
     run: Callable[..., Any] | None = None
-    hooks: type | None = None
     settings_class: type = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,7 +59,3 @@ class Method:
         except LayerSelectorError as e:
             raise self.field(name).error(str(e)) from None
 
-
-def fields_of(methods: Iterable[Method]) -> Iterator[Field]:
-    for m in methods:
-        yield from m.fields
