@@ -58,4 +58,3 @@ class Method:
             yield
         except LayerSelectorError as e:
             raise self.field(name).error(str(e)) from None
-
