@@ -109,7 +109,9 @@ def _parse_number(f: Field, v: Any) -> float:
     if not math.isfinite(x):
         raise f.error(f"expected a finite number, got {v!r}")
     if (f.minimum is not None and x < f.minimum) or (f.maximum is not None and x > f.maximum):
-        raise f.error(f"{x:g} is out of range [{f.minimum:g}, {f.maximum:g}]")
+        low = "-inf" if f.minimum is None else f"{f.minimum:g}"
+        high = "inf" if f.maximum is None else f"{f.maximum:g}"
+        raise f.error(f"{x:g} is out of range [{low}, {high}]")
     return x
 
 
@@ -197,6 +199,35 @@ def interval(section: str, prefix: str, who: str) -> tuple[Field, Field]:
     )
 
 
+def hires_fields(section: str, prefix: str, value: str, label: str, default: float, maximum: float) -> tuple:
+    """The hires-fix override pair: ``hires`` (same / own / off) and ``hires_<value>``, the own value (``label`` names
+    it in the UI, e.g. "SEG scale")."""
+    return (
+        Field(
+            section,
+            "hires",
+            label="Hires pass",
+            infotext=f"{prefix} hires",
+            kind="choice",
+            default="same",
+            choices=HIRES_MODES,
+            help=f"In the hires-fix pass: same settings as the first pass, an own {value}, or off.",
+        ),
+        Field(
+            section,
+            f"hires_{value}",
+            label=f"Hires {label}",
+            infotext=f"{prefix} hires {value}",
+            kind="float",
+            default=default,
+            minimum=0.0,
+            maximum=maximum,
+            step=0.01 if maximum <= 5 else 0.1,
+            help=f"{label} used in the hires-fix pass when 'Hires pass' is 'own'.",
+        ),
+    )
+
+
 class Section:
     """Base of a method's settings section.  :func:`section_class` makes the frozen dataclass of a method's fields
     on top of it (or of a subclass the method gives, for its own properties and checks)."""
@@ -225,6 +256,16 @@ class Section:
         start, end = getattr(self, "start", None), getattr(self, "end", None)
         if start is not None and end is not None and start > end:
             raise self.FIELDS["end"].error(f"end ({end:g}) must not be below start ({start:g})")
+
+
+class ScaledSection(Section):
+    """A guidance method whose ``scale`` of 0 switches it off, with a hires ``own`` scale."""
+
+    HIRES_VALUE = "scale"
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and (self.scale > 0 or (self.hires == "own" and self.hires_scale > 0))
 
 
 def section_class(name: str, fields: tuple[Field, ...], base: type = Section) -> type:

@@ -28,6 +28,14 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, n_heads: int, q_scale: float = 1.0) -> Tensor:
+    """Multi-head attention of projected ``(B, N, heads*d)`` tensors (before ``to_out``), logits scaled by
+    ``q_scale / sqrt(d)``."""
+    d = q.shape[-1] // n_heads
+    out = sdpa(heads(q, n_heads) * q_scale, heads(k, n_heads), heads(v, n_heads), d**-0.5)
+    return merge_heads(out)
+
+
 def adain(x: Tensor, ref: Tensor, eps: float = 1e-5) -> Tensor:
     """Per-channel mean/std of ``x`` (B, C, H, W) matched to ``ref`` (1 or B, C, H, W), per image."""
     dims = (2, 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lib_attn import ops
+from lib_attn import guided, ops
 from lib_attn.layers import LayerKey
 from lib_attn.methods.pag import METHOD as PAG
 from lib_attn.methods.pag import core as guidance
@@ -33,9 +33,9 @@ def test_progress_and_interval():
 
 def test_adaptive_scale_matches_diffusers_definition():
     # diffusers: signal_scale = pag_scale - pag_adaptive_scale * (1000 - t), clipped at 0
-    assert guidance.adaptive_scale(3.0, 0.0, 10) == 3.0
-    assert guidance.adaptive_scale(3.0, 0.001, 999) == 3.0 - 0.001
-    assert guidance.adaptive_scale(3.0, 0.01, 0) == 0.0
+    assert guided.adaptive_scale(3.0, 0.0, 10) == 3.0
+    assert guided.adaptive_scale(3.0, 0.001, 999) == 3.0 - 0.001
+    assert guided.adaptive_scale(3.0, 0.01, 0) == 0.0
 
 
 def test_plan_scale_schedule():

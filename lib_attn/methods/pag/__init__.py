@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lib_attn.fields import HIRES_MODES, Field, Section, interval
+from lib_attn.fields import Field, ScaledSection, hires_fields, interval
 from lib_attn.methods.base import Method, PlanContext
 from lib_attn.methods.pag.core import PagPlan
 
 NAME = "pag"
-
-
-class PagSection(Section):
-    HIRES_VALUE = "scale"
-
-    @property
-    def active(self) -> bool:
-        return self.enabled and (self.scale > 0 or (self.hires == "own" and self.hires_scale > 0))
 
 
 FIELDS = (
@@ -63,28 +55,7 @@ FIELDS = (
         default="middle",
         help="Self-attention layers to perturb: comma-separated selectors such as middle, input.4, output.1.0, all.",
     ),
-    Field(
-        NAME,
-        "hires",
-        label="Hires pass",
-        infotext="PAG hires",
-        kind="choice",
-        default="same",
-        choices=HIRES_MODES,
-        help="In the hires-fix pass: same settings as the first pass, an own scale, or off.",
-    ),
-    Field(
-        NAME,
-        "hires_scale",
-        label="Hires PAG scale",
-        infotext="PAG hires scale",
-        kind="float",
-        default=3.0,
-        minimum=0.0,
-        maximum=30.0,
-        step=0.1,
-        help="PAG scale used in the hires-fix pass when 'Hires pass' is 'own'.",
-    ),
+    *hires_fields(NAME, "PAG", "scale", "PAG scale", 3.0, 30.0),
 )
 
 
@@ -93,4 +64,4 @@ def plan(settings: Any, ctx: PlanContext) -> PagPlan | None:
         return PagPlan.build(settings.for_pass(ctx.is_hr_pass), ctx.available)
 
 
-METHOD = Method(NAME, "PAG — Perturbed-Attention Guidance", FIELDS, plan, section=PagSection)
+METHOD = Method(NAME, "PAG — Perturbed-Attention Guidance", FIELDS, plan, section=ScaledSection)

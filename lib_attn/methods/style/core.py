@@ -31,18 +31,11 @@ from torch import nn
 
 from lib_attn.layers import LayerKey, select
 from lib_attn.methods.colorize.core import default_selector
-from lib_attn.ops import active_at, heads, merge_heads, sdpa
+from lib_attn.ops import active_at, attention
 
 Tensor = torch.Tensor
 
 CHECKPOINT_MODES = ("auto", "on", "off")
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, n_heads: int, q_scale: float = 1.0) -> Tensor:
-    """softmax((q_scale * Q) K^T / sqrt(d)) V per head; (B, N, C) in, (B, N, C) out."""
-    d = q.shape[-1] // n_heads
-    out = sdpa(heads(q, n_heads) * q_scale, heads(k, n_heads), heads(v, n_heads), d**-0.5)
-    return merge_heads(out)
 
 
 def ad_loss(o: Tensor, q: Tensor, k_ref: Tensor, v_ref: Tensor, n_heads: int, tau: float = 1.0) -> Tensor:
