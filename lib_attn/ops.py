@@ -84,9 +84,10 @@ def blend(x: Tensor, source: Tensor, mask: Tensor) -> Tensor:
     return torch.lerp(source, x, mask.to(x.dtype).expand_as(x))
 
 
-def gaussian_blur(m: Tensor, sigma: float, size: int | None = None) -> Tensor:
-    """Separable Gaussian blur of ``(..., H, W)`` with edge replication; ``size`` defaults to ``2 * ceil(3 sigma) + 1``.
-    The weights are non-negative and sum to one, so a constant map stays constant and order is kept."""
+def gaussian_blur(m: Tensor, sigma: float, size: int | None = None, mode: str = "replicate") -> Tensor:
+    """Separable Gaussian blur of ``(..., H, W)``, the edges padded by ``mode`` (``replicate`` or ``reflect``);
+    ``size`` (odd) defaults to ``2 * ceil(3 sigma) + 1``.  The weights are non-negative and sum to one, so a constant
+    map stays constant and order is kept."""
     if sigma <= 0:
         return m
     size = size or max(3, 2 * math.ceil(3 * sigma) + 1)
@@ -96,8 +97,8 @@ def gaussian_blur(m: Tensor, sigma: float, size: int | None = None) -> Tensor:
     k = (k / k.sum()).to(m.dtype)
     shape = m.shape
     x = m.reshape(-1, 1, *shape[-2:])
-    x = F.pad(x, (r, r, 0, 0), mode="replicate")
+    x = F.pad(x, (r, r, 0, 0), mode=mode)
     x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, r, r), mode="replicate")
+    x = F.pad(x, (0, 0, r, r), mode=mode)
     x = F.conv2d(x, k.view(1, 1, -1, 1))
     return x.reshape(shape)

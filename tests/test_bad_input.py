@@ -42,6 +42,10 @@ def pag(**kw):
     return ("txt2img", [{"pag": kw}])
 
 
+def section(name, **kw):
+    return ("txt2img", [{name: kw}])
+
+
 def style(ref, **kw):
     return ("txt2img", [{"style": {"reference": ref, **kw}}])
 
@@ -66,6 +70,10 @@ TABLE = [
     ("unknown-name", ("txt2img", [{"pag": {"sclae": 2}}]), "unknown parameter; did you mean pag_scale"),
     ("unknown-section", ("txt2img", [{"pga": {"scale": 2}}]), "(pga): unknown parameter"),
     ("section-not-object", ("txt2img", [{"pag": 3}]), "(pag): expected an object of pag parameters"),
+    ("seg-sigma-negative", section("seg", blur_sigma=-1), "(seg.blur_sigma): -1 is out of range [0, inf]"),
+    ("seg-layers", section("seg", layers="input.99"), "Layers (seg.layers): 'input.99' matched no layer"),
+    ("seg-hires-scale", section("seg", hires="own", hires_scale=40), "(seg.hires_scale): 40 is out of range"),
+    ("seg-hires-choice", section("seg", hires="twice"), "Hires pass (seg.hires): expected one of same, own, off"),
     ("start-comma-decimal", pag(start="0,5"), "Start (fraction of steps) (pag.start): expected a number"),
     ("colorize-guidance", colorize(GOOD, guidance=0), "(colorize.guidance): 0 is out of range"),
     ("colorize-strength", colorize(GOOD, strength=1.5), "(colorize.strength): 1.5 is out of range"),

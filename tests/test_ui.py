@@ -95,6 +95,9 @@ def test_one_component_per_field_in_order(gr, built, tab):
         if f.kind == "bool":
             assert isinstance(c, gr.Checkbox)
             assert c.value is f.default
+        elif f.kind in ("float", "int") and f.maximum is None:  # an open range: a number box
+            assert isinstance(c, gr.Number), f.key
+            assert c.value == f.default
         elif f.kind in ("float", "int"):
             assert isinstance(c, gr.Slider), f.key
             assert (c.minimum, c.maximum, c.step) == (f.minimum, f.maximum, f.step), f.key
@@ -172,7 +175,8 @@ def _non_default_settings() -> S.Settings:
         if f.kind == "bool":
             values[f.key] = not f.default if f.name != "enabled" else True
         elif f.kind == "float":
-            v = f.default + f.step if f.default + f.step <= f.maximum else f.default - f.step
+            step = f.step or 1.0
+            v = f.default + step if f.maximum is None or f.default + step <= f.maximum else f.default - step
             values[f.key] = round(v, 6)  # a value a slider gives (0.1 + 0.005 is not the float 0.105)
         elif f.kind == "int":
             values[f.key] = f.default + 1 if f.default + 1 <= f.maximum else f.default - 1

@@ -55,13 +55,19 @@ def record_plain_run(h, **kw):
 
 
 def reference_sample(h, seen, cfg, pag_scale, layers, *, model_fn=None):
+    mods = [h.modules.shared.sd_model.model.diffusion_model.get_submodule(p) for p in layers]
+    return reference_guided(h, seen, cfg, [(pag_scale, lambda: identity_on(mods))], model_fn=model_fn)
+
+
+def reference_guided(h, seen, cfg, terms, *, model_fn=None):
+    """Independent CFG + perturbed-copy guidance: separate model calls per step (uncond, cond, and for each
+    ``(scale, perturbation)`` of ``terms`` the cond again inside ``perturbation()``), fed to the real Euler sampler
+    from the recorded start latent and sigmas."""
     import k_diffusion.external
     import k_diffusion.sampling
 
     model = h.modules.shared.sd_model
     den = k_diffusion.external.CompVisDenoiser(model)
-    unet = model.model.diffusion_model
-    mods = [unet.get_submodule(p) for p in layers]
 
     def cond_dict(c):
         return {"c_crossattn": [c], "c_concat": [torch.zeros(c.shape[0], 5, 1, 1, dtype=c.dtype)]}
@@ -69,9 +75,12 @@ def reference_sample(h, seen, cfg, pag_scale, layers, *, model_fn=None):
     def f(x, sigma):
         u = den(x, sigma, cond=cond_dict(seen["uncond"]))
         c = den(x, sigma, cond=cond_dict(seen["cond"]))
-        with identity_on(mods):
-            p = den(x, sigma, cond=cond_dict(seen["cond"]))
-        return u + cfg * (c - u) + pag_scale * (c - p)
+        out = u + cfg * (c - u)
+        for scale, perturbation in terms:
+            with perturbation():
+                p = den(x, sigma, cond=cond_dict(seen["cond"]))
+            out = out + scale * (c - p)
+        return out
 
     sigmas = torch.tensor([*seen["sigmas"], 0.0])
     with torch.no_grad():
