@@ -35,8 +35,9 @@ class ForgeContext:
     attention: Callable[[Tensor, Tensor, Tensor, int], Tensor]  # the host's attention function
     img2img: bool = False
     plan: Any = None  # the pass's PassPlan
-    step: int = 0
+    step: int = 0  # the host's sampling step (it lags: the first two CFG calls both see 0)
     total_steps: int = 0
+    calls: int = 0  # CFG-denoiser calls so far in this generation: tells one call's attention from the next
     failed: Callable[[], bool] = lambda: False  # whether the generation has already failed
 
 
@@ -156,14 +157,14 @@ def keep_source(run: Any, params: Any) -> None:
 
 def cond_chunk(ctx: ForgeContext, key: Any, q: Tensor, extra_options: dict, seen: set, field: Any) -> tuple | None:
     """For attention maps of the cond rows: ``(start, stop, (h, w))`` of this attention call's cond rows and its
-    grid, once per step and layer (the step's own model call, not a method's extra call) and never in a method's
+    grid, once per CFG call and layer (the step's own model call, not a method's extra call) and never in a method's
     own calls (capture, guided); None otherwise.  A grid that does not fit fails ``field`` (a Field)."""
-    if extra_options.get(MODE) is not None or (ctx.step, key) in seen:
+    if extra_options.get(MODE) is not None or (ctx.calls, key) in seen:
         return None
     flags = list(extra_options.get("cond_or_uncond") or [])
     if 0 not in flags or q.shape[0] % len(flags):
         return None
-    seen.add((ctx.step, key))
+    seen.add((ctx.calls, key))
     chunk = q.shape[0] // len(flags)
     start = flags.index(0) * chunk
     shape = extra_options.get("original_shape")
@@ -192,8 +193,10 @@ class A1111Hooks:
     progress in the step's layout), ``private`` (a method's own model call is running: others pass through),
     ``latent_hw``, ``sub_call(call_next, args, kwargs, n, a, b)`` (rows a..b of a wrapped call as a call of their
     own), ``call_span(start, rows)``, ``cond_out`` (after CFG: each image's first cond row of the model output),
-    ``first_cond_rows``, ``keep_source_input``, ``condition(...)``, ``like(...)``, and the sampler maths ``noised``,
-    ``noise_of``, ``to_denoised``, ``from_denoised``, ``x_per_denoised``, ``unet_input_scale``, ``timestep``,
+    ``first_cond_rows``, ``keep_source_input``, ``condition(...)``, ``like(...)``, ``denoiser`` (the step's CFG
+    denoiser), ``model_call(x, sigma, text, image_cond)`` (a call of the method's own, e.g. after CFG), and the
+    sampler maths ``noised``, ``noise_of``, ``to_denoised``, ``from_denoised``, ``output_delta``, ``x_per_denoised``,
+    ``unet_input_scale``, ``timestep``,
     ``cfg_scale``, ``in_one_call``, ``in_batch``, ``unet(denoiser)``."""
 
     transforms_rows = False  # its attention wrappers change the output of the host's rows (other wrappers adapt)

@@ -156,7 +156,7 @@ class A1111Session(Session):
         ctx.st = Step(layout, den, blend_in=blend_in)
         self._cursor = 0
         if capture:
-            self._run_private(den, capture, params.text_uncond)
+            self._run_private(capture)
 
     @staticmethod
     def _insert_rows(params: Any, layout: BatchLayout, groups: list[tuple[str, list[int], dict]]) -> BatchLayout:
@@ -227,25 +227,22 @@ class A1111Session(Session):
                 d = got
         return out if d is None else self.ctx.from_denoised(den, x, sigma, d).to(out.dtype)
 
-    def _run_private(self, den: Any, capture: list, text_uncond: Any) -> None:
+    def _run_private(self, capture: list) -> None:
         """Model calls of their own for the capture rows that do not ride in the step's call, one per latent size."""
         sizes = dict.fromkeys(tuple(g[2]["x"].shape[-2:]) for _, g in capture)
         for size in sizes:
             part = [(h, g) for h, g in capture if tuple(g[2]["x"].shape[-2:]) == size]
-            self._private_call(den, part, text_uncond)
+            self._private_call(part)
 
-    def _private_call(self, den: Any, capture: list, text_uncond: Any) -> None:
+    def _private_call(self, capture: list) -> None:
         groups = [g for _, g in capture]
         layout = BatchLayout(0, 0, (), (), tuple((name, tuple(src)) for name, src, _ in groups))
         x = torch.cat([g["x"] for _, _, g in groups])
         sigma = torch.cat([g["sigma"] for _, _, g in groups])
         text = _cat_conds([g["text"] for _, _, g in groups])
         ics = [g.get("image_cond") for _, _, g in groups]
-        cond = _condition(text, torch.cat(ics) if all(i is not None for i in ics) else None, text_uncond, x)
-        saved = self._cursor
-        self.ctx.private_layout, self._cursor = layout, 0
         try:
-            den.inner_model(x, sigma, cond=cond)
+            self.model_call(x, sigma, text, torch.cat(ics) if all(i is not None for i in ics) else None, layout)
         except BaseException as e:
             # the host reports and swallows errors raised in CFG callbacks: keep the real cause, so the generation
             # fails with it, and run this step without what the call was for
@@ -254,6 +251,17 @@ class A1111Session(Session):
                 h.capture_failed()
             if not isinstance(e, Exception):
                 raise
+
+    def model_call(
+        self, x: torch.Tensor, sigma: torch.Tensor, text: Any, image_cond: Any = None, layout: BatchLayout | None = None
+    ) -> torch.Tensor:
+        """A method's own call of the step's model (``ctx.private`` is set: the methods' wrappers pass through unless
+        ``layout`` names their rows); returns the model's output (x0, or eps for the timestep samplers)."""
+        layout = layout or BatchLayout(0, 0, (), (), (("private", tuple(range(_rows(x)))),))
+        saved = self._cursor
+        self.ctx.private_layout, self._cursor = layout, 0
+        try:
+            return self.ctx.denoiser.inner_model(x, sigma, cond=_condition(text, image_cond, text, x))
         finally:
             self.ctx.private_layout, self._cursor, self.ctx.call = None, saved, None
 

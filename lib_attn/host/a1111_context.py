@@ -35,6 +35,7 @@ class A1111Context:
 
     def __init__(self, session: Any):
         self._session = session
+        self.model_call = session.model_call
         self.p = session.p
         self.services = SERVICES
         self.fail = session.fail
@@ -167,6 +168,14 @@ class A1111Context:
             return out
         a = self._alpha(den, sigma, x)
         return (x - (1 - a).sqrt() * out) / a.sqrt()
+
+    def output_delta(self, den: Any, sigma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The change of a step's output that a change ``d`` of its x0 prediction makes, at a fixed model input
+        (k-diffusion: ``d``; timestep samplers: the eps change ``-sqrt(a / (1 - a)) * d``)."""
+        if self.is_kdiffusion(den):
+            return d
+        a = self._alpha(den, sigma, d)
+        return -(a / (1 - a)).sqrt() * d
 
     def from_denoised(self, den: Any, x: torch.Tensor, sigma: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if self.is_kdiffusion(den):

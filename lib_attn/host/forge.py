@@ -116,6 +116,7 @@ class ForgeSession(Session):
 
     def on_cfg_denoiser(self, params: Any) -> None:
         self.ctx.step, self.ctx.total_steps = params.sampling_step, params.total_sampling_steps
+        self.ctx.calls += 1
         if self.plan is None:
             return
         for h in self.hooks:

@@ -9,7 +9,7 @@ folder and one entry at the end.
 
 from __future__ import annotations
 
-from lib_attn.methods import colorize, edit_mask, pag, seg, style, yoda
+from lib_attn.methods import colorize, edit_mask, pag, sag, seg, style, yoda
 from lib_attn.methods.base import Method
 
 ORDER: tuple = (
@@ -20,6 +20,7 @@ ORDER: tuple = (
     yoda.METHOD,
     (colorize.METHOD, "reference_scale"),
     seg.METHOD,
+    sag.METHOD,
 )
 
 METHODS: tuple[Method, ...] = tuple(dict.fromkeys(e if isinstance(e, Method) else e[0] for e in ORDER))
