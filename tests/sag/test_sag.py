@@ -100,3 +100,23 @@ def test_with_pag_and_seg_on_forge_and_a1111():
             out = h.txt2img(**BASE, batch_size=2, sampler_name="Euler", script_args=args).samples
             assert h.callback_count() == 0
         assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
+
+
+def test_with_style_reference_gradient_checkpointing():
+    """Style reference's first guided forward is the host's uncond call, with grad, and checkpointed blocks are
+    recomputed in its backward after the call, where SAG's observer no longer looks: the observation must save
+    nothing for autograd, or the recomputation saves a different set of tensors and fails.  Checkpointing on or
+    off gives the same result."""
+    from PIL import Image
+
+    ref = Image.new("RGB", (64, 56), (200, 30, 40))
+    outs = []
+    for checkpointing in ("on", "off"):
+        with a1111_host("sd1") as h:
+            h.load_script(SCRIPT)
+            named = {"sag": {"scale": 0.75}, "style": {"reference": ref, "strength": 0.2, "iters": 1,
+                                                       "checkpointing": checkpointing}}
+            outs.append(h.txt2img(**{**BASE, "width": 64, "height": 64}, sampler_name="Euler",
+                                  script_args=[named]).samples)
+            assert h.callback_count() == 0
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

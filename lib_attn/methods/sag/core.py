@@ -25,9 +25,12 @@ Tensor = torch.Tensor
 KERNEL = 9  # diffusers' and ComfyUI's blur kernel size
 
 
+@torch.no_grad()
 def attention_mass(q: Tensor, k: Tensor, n_heads: int) -> Tensor:
     """Attention each key receives: ``softmax(Q K^T / sqrt(d))`` summed over the queries and averaged over the heads;
-    ``q``, ``k``: projected ``(B, N, heads*d)``; returns (B, N)."""
+    ``q``, ``k``: projected ``(B, N, heads*d)``; returns (B, N).  An observation, never differentiated: it saves
+    nothing for autograd even inside a pass with grad (style reference's), whose checkpointed blocks must save the
+    same tensors when they are recomputed in backward, where the observer no longer looks."""
     d = q.shape[-1] // n_heads
     probs = torch.softmax(heads(q, n_heads) @ heads(k, n_heads).transpose(-1, -2) * d**-0.5, dim=-1)
     return probs.mean(dim=1).sum(dim=1)

@@ -63,11 +63,13 @@ class Hooks(A1111Hooks):
         except ValueError as e:
             ctx.fail(METHOD.field("enabled").error(str(e)))
             return out
-        for branch in ("uncond", "cond"):
-            for image, row in enumerate(self._rows(branch)):
-                if start <= row < start + n and (branch, image) not in self.mass:
-                    r = x[row - start : row - start + 1]
-                    self.mass[branch, image] = attention_mass(module.to_q(r), module.to_k(r), module.heads)
+        # an observation: nothing for autograd to save (see attention_mass)
+        with torch.no_grad():
+            for branch in ("uncond", "cond"):
+                for image, row in enumerate(self._rows(branch)):
+                    if start <= row < start + n and (branch, image) not in self.mass:
+                        r = x[row - start : row - start + 1]
+                        self.mass[branch, image] = attention_mass(module.to_q(r), module.to_k(r), module.heads)
         return out
 
     def denoised(self, out: torch.Tensor) -> None:
