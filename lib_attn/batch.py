@@ -41,6 +41,7 @@ class BatchLayout:
     first_cond: tuple[int, ...]  # per image, the row of its first cond (AND sub-prompt 0)
     cond_image: tuple[int, ...] = ()  # per cond row, its image
     groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    own_text: frozenset[str] = frozenset()  # groups with a text conditioning of their own (not their image's prompt)
 
     @property
     def n_extra(self) -> int:
@@ -88,8 +89,19 @@ class BatchLayout:
             return row - self.uncond.start
         return None
 
-    def with_groups(self, groups: Sequence[tuple[str, Sequence[int]]]) -> BatchLayout:
-        return dataclasses.replace(self, groups=tuple((g, tuple(src)) for g, src in groups))
+    def with_groups(self, groups: Sequence[tuple[str, Sequence[int]]], own_text: Sequence[str] = ()) -> BatchLayout:
+        return dataclasses.replace(
+            self, groups=tuple((g, tuple(src)) for g, src in groups), own_text=frozenset(own_text)
+        )
+
+    def prompt_rows(self) -> dict[int, int]:
+        """``{row: image}`` of every row conditioned on its image's prompt: the cond rows and the inserted rows that
+        copy them (not the uncond rows, nor groups with a text of their own)."""
+        out = dict(enumerate(self.cond_image))
+        for name, src in self.groups:
+            if name not in self.own_text:
+                out.update(zip(self.group(name), src, strict=True))
+        return out
 
     @classmethod
     def from_repeats(cls, repeats: Sequence[int]) -> BatchLayout:

@@ -199,7 +199,9 @@ def interval(section: str, prefix: str, who: str) -> tuple[Field, Field]:
     )
 
 
-def hires_fields(section: str, prefix: str, value: str, label: str, default: float, maximum: float) -> tuple:
+def hires_fields(
+    section: str, prefix: str, value: str, label: str, default: float, maximum: float, minimum: float = 0.0
+) -> tuple:
     """The hires-fix override pair: ``hires`` (same / own / off) and ``hires_<value>``, the own value (``label`` names
     it in the UI, e.g. "SEG scale")."""
     return (
@@ -220,7 +222,7 @@ def hires_fields(section: str, prefix: str, value: str, label: str, default: flo
             infotext=f"{prefix} hires {value}",
             kind="float",
             default=default,
-            minimum=0.0,
+            minimum=minimum,
             maximum=maximum,
             step=0.01 if maximum <= 5 else 0.1,
             help=f"{label} used in the hires-fix pass when 'Hires pass' is 'own'.",

@@ -38,6 +38,7 @@ class ForgeContext:
     step: int = 0  # the host's sampling step (it lags: the first two CFG calls both see 0)
     total_steps: int = 0
     calls: int = 0  # CFG-denoiser calls so far in this generation: tells one call's attention from the next
+    unet: Any = None  # the pass's UNet module (its attention layers' projections)
     failed: Callable[[], bool] = lambda: False  # whether the generation has already failed
 
 

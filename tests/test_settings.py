@@ -63,6 +63,14 @@ EXAMPLE_ALL = {
     "sag_end": 0.8,
     "sag_hires": "off",
     "sag_hires_scale": 0.5,
+    "nag_enabled": True,
+    "nag_scale": 3.0,
+    "nag_tau": 2.0,
+    "nag_alpha": 0.5,
+    "nag_start": 0.0,
+    "nag_end": 0.5,
+    "nag_hires": "own",
+    "nag_hires_scale": 2.0,
     "edit_mask_enabled": True,
     "edit_mask_words": "cat, hat",
     "edit_mask_threshold": 0.35,
@@ -86,8 +94,9 @@ EXAMPLE_ALL = {
 
 
 def test_positional_order_never_moves():
-    """The positional API order is append-only: today's 53 entries keep their indices (tests/golden/positional.json
-    was written from the table before the methods moved into their folders); new fields only come after them."""
+    """The positional API order is append-only: every recorded entry keeps its index (tests/golden/positional.json:
+    the first 53 written from the table before the methods moved into their folders, then SEG, SAG and NAG appended);
+    new fields only come after them."""
     import json
     import pathlib
 

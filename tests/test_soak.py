@@ -1,4 +1,4 @@
-"""Soak: many generations with random PAG, reference-colorization, style-reference and edit-mask settings, batch sizes, sizes, samplers, hires on/off, exceptions
+"""Soak: many generations with random PAG, SEG, SAG, NAG, reference-colorization, style-reference and edit-mask settings, batch sizes, sizes, samplers, hires on/off, exceptions
 injected inside the UNet and interrupts at random steps, on the A1111 double.  After every generation nothing of
 ours is left on the model or in the callback lists; afterwards a reference generation equals a fresh host's, and
 the process's memory has not grown.
@@ -56,7 +56,23 @@ def random_settings(rng: random.Random) -> list:
     }
     if rng.random() < 0.25:
         values.update({f"style_{k}": v for k, v in random_style(rng).items()}, style_enabled=True)
+    values.update(random_guidance(rng))
     return S.defaults().with_values(values).to_args()
+
+
+def random_guidance(rng: random.Random) -> dict:
+    """SEG, SAG and NAG, each on about a third of the time."""
+    values = {}
+    if rng.random() < 0.35:
+        values.update(seg_enabled=True, seg_scale=rng.choice([0.0, 2.0]), seg_blur_sigma=rng.choice([1.0, 10000.0]),
+                      seg_layers=rng.choice(["middle", "input.4, output.4"]), seg_hires=rng.choice(S.HIRES_MODES))
+    if rng.random() < 0.35:
+        values.update(sag_enabled=True, sag_scale=rng.choice([0.0, 0.75]), sag_threshold=rng.choice([0.5, 1.0]),
+                      sag_start=rng.choice([0.0, 0.5]), sag_hires=rng.choice(S.HIRES_MODES))
+    if rng.random() < 0.35:
+        values.update(nag_enabled=True, nag_scale=rng.choice([1.0, 5.0]), nag_alpha=rng.choice([0.25, 1.0]),
+                      nag_end=rng.choice([0.5, 1.0]), nag_hires=rng.choice(S.HIRES_MODES))
+    return values
 
 
 def random_style(rng: random.Random) -> dict:
@@ -114,6 +130,11 @@ def test_soak_random_generations():
         h.load_script(SCRIPT)
         torch.manual_seed(0)
         h.txt2img(**REFERENCE)
+        # first uses that import libraries once (torch's checkpoint pulls in sympy and mpmath, ~75 MB) are not growth
+        warm_all = S.defaults().with_values({
+            "seg_enabled": True, "sag_enabled": True, "nag_enabled": True, "style_enabled": True,
+            **{f"style_{k}": v for k, v in random_style(random.Random(0)).items()}, "style_checkpointing": "on"})
+        h.txt2img(**{**REFERENCE, "script_args": warm_all.to_args()})
         # memory is measured from the end of a warm-up (a third of the run): the first generations of each new
         # shape fill torch's and the allocator's caches (the WebUI alone grows ~40 MB that way, then stays flat)
         warm = max(1, min(COUNT // 3, 40))

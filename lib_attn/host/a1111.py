@@ -173,7 +173,9 @@ class A1111Session(Session):
             if has_ic:
                 rows_ic.append(given.get("image_cond", ic[at]))
             rows_tc.append(given.get("text", batchmod.take_rows(params.text_cond, at)))
-        layout = layout.with_groups([(name, src) for name, src, _ in groups])
+        layout = layout.with_groups(
+            [(name, src) for name, src, _ in groups], own_text=[name for name, _, given in groups if "text" in given]
+        )
         at = layout.n_cond
         params.x = batchmod.insert_rows(params.x, at, torch.cat(rows_x))
         params.sigma = batchmod.insert_rows(params.sigma, at, torch.cat(rows_sigma))

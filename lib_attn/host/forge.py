@@ -139,7 +139,7 @@ class ForgeSession(Session):
         except SettingsError as e:
             self.fail(e)
             return
-        self.ctx.plan = self.plan
+        self.ctx.plan, self.ctx.unet = self.plan, unet_module
         for name, h in self.named_hooks:
             h.begin_pass(self.plan.of(name))
         if not self.plan.any:

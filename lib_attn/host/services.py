@@ -1,5 +1,5 @@
 """What the methods' run objects ask of the WebUI, in one place: VAE encoding, the models folder, the cheap latent
-preview and the sampler's call count.  Each function imports the host's modules when called (A1111 and the
+preview, the negative prompts' conditioning and the sampler's call count.  Each function imports the host's modules when called (A1111 and the
 Forge family share these modules)."""
 
 from __future__ import annotations
@@ -37,6 +37,29 @@ class HostServices:
             # float32: the hosts' coefficient tensors are float32 and einsum does not mix dtypes (fp16 init latents)
             rgb = sd_samplers_common.samples_to_images_tensor(z.float(), 2, getattr(p, "sd_model", None))
         return ((rgb.float() + 1) / 2).clamp(0, 1)
+
+    @staticmethod
+    def negative_conditioning(p: Any, hr: bool) -> Any:
+        """The negative prompts' conditioning of a pass (one per image, scheduled for prompt editing), made as the host
+        makes it; for where the host skipped it (Forge at CFG 1 makes none)."""
+        from modules import prompt_parser
+
+        negatives = (getattr(p, "hr_negative_prompts", None) if hr else None) or p.negative_prompts
+        w, h = (
+            (getattr(p, "hr_upscale_to_x", p.width), getattr(p, "hr_upscale_to_y", p.height))
+            if hr
+            else (p.width, p.height)
+        )
+        steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if hr else int(p.steps)
+        texts = prompt_parser.SdConditioning(negatives, is_negative_prompt=True, width=w, height=h)
+        return prompt_parser.get_learned_conditioning(p.sd_model, texts, steps)
+
+    @staticmethod
+    def conditioning_at(conds: Any, step: int) -> Any:
+        """Scheduled conditioning at a step: a tensor (or SDXL dict) with one row per image."""
+        from modules import prompt_parser
+
+        return prompt_parser.reconstruct_cond_batch(conds, step)
 
     @staticmethod
     def pass_calls(den: Any) -> int:

@@ -9,7 +9,7 @@ folder and one entry at the end.
 
 from __future__ import annotations
 
-from lib_attn.methods import colorize, edit_mask, pag, sag, seg, style, yoda
+from lib_attn.methods import colorize, edit_mask, nag, pag, sag, seg, style, yoda
 from lib_attn.methods.base import Method
 
 ORDER: tuple = (
@@ -21,6 +21,7 @@ ORDER: tuple = (
     (colorize.METHOD, "reference_scale"),
     seg.METHOD,
     sag.METHOD,
+    nag.METHOD,
 )
 
 METHODS: tuple[Method, ...] = tuple(dict.fromkeys(e if isinstance(e, Method) else e[0] for e in ORDER))
