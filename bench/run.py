@@ -1,11 +1,13 @@
 """Benchmarks: cost of each method against plain sampling, measured in the same run.
 
-    .venv/bin/python bench/run.py pag|colorize|style|edit_mask|masked_upscale [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
+    .venv/bin/python bench/run.py pag|seg|sag|nag|colorize|style|edit_mask|masked_upscale [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
 
 ``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
 ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
 the median per-step times (wall clock, and this process's CPU time, which a busy shared machine disturbs less)
-and, as its last line, ``ratio pag_vs_cfg_step <value>`` (wall clock).  ``--size sd15`` builds a
+and, as its last line, ``ratio pag_vs_cfg_step <value>`` (wall clock).  ``seg`` and ``sag`` do the same for SEG
+(``ratio seg_vs_cfg_step``) and SAG (``ratio sag_vs_cfg_step``) at CFG 5, ``nag`` for NAG at CFG 1 against a
+plain CFG-1 step (``ratio nag_vs_cfg_step``).  ``--size sd15`` builds a
 full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent); expect minutes.
 
 ``colorize`` times whole img2img generations with reference colorization against plain img2img (same steps,
@@ -74,7 +76,19 @@ def _timed_sampling(h):
     return times, lambda: setattr(cls, "sample", original)
 
 
-def bench_pag(args: argparse.Namespace) -> float:
+# the guidance methods timed per step against plain sampling: settings switched on, and the CFG scale of both runs
+# (NAG is measured where it matters most, at CFG 1, against a plain CFG-1 step)
+GUIDANCE = {
+    "pag": ({"pag_enabled": True, "pag_scale": 3.0}, 5.0),
+    "seg": ({"seg_enabled": True, "seg_scale": 3.0}, 5.0),
+    "sag": ({"sag_enabled": True, "sag_scale": 0.75}, 5.0),
+    "nag": ({"nag_enabled": True, "nag_scale": 5.0}, 1.0),
+}
+
+
+def bench_guidance(args: argparse.Namespace) -> float:
+    name = args.method
+    values, cfg = GUIDANCE[name]
     kind, size = SIZES[args.size]
     torch.set_grad_enabled(False)
     if args.threads:
@@ -83,13 +97,13 @@ def bench_pag(args: argparse.Namespace) -> float:
         h.load_script(SCRIPT)
         times, restore = _timed_sampling(h)
         off = S.defaults().to_args()
-        on = S.defaults().with_values({"pag_enabled": True, "pag_scale": 3.0}).to_args()
+        on = S.defaults().with_values(values).to_args()
         base = dict(
             prompt="a photo of a cat",
-            negative_prompt="",
+            negative_prompt="blurry",
             seed=1,
             steps=args.steps,
-            cfg_scale=5.0,
+            cfg_scale=cfg,
             width=size,
             height=size,
             batch_size=args.batch,
@@ -98,26 +112,26 @@ def bench_pag(args: argparse.Namespace) -> float:
         try:
             h.txt2img(**base, script_args=on)  # warm-up
             h.txt2img(**base, script_args=off)
-            cfg_t, pag_t = [], []
+            cfg_t, on_t = [], []
             for _ in range(args.repeat):
                 h.txt2img(**base, script_args=off)
                 cfg_t.append(times[-1])
                 h.txt2img(**base, script_args=on)
-                pag_t.append(times[-1])
+                on_t.append(times[-1])
         finally:
             restore()
     print(
-        f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, "
+        f"size {args.size} ({size}px, batch {args.batch}, CFG {cfg:g}, {args.steps} steps x {args.repeat} runs, "
         f"torch threads {torch.get_num_threads()}, attention: sdp as the WebUI's default optimization)"
     )
     ratios = {}
     for i, clock in enumerate(("cpu", "wall")):
         cfg_s = statistics.median(t[i] for t in cfg_t) / args.steps
-        pag_s = statistics.median(t[i] for t in pag_t) / args.steps
-        ratios[clock] = pag_s / cfg_s
-        print(f"{clock:4s} step cfg {cfg_s * 1000:8.2f} ms   step cfg+pag {pag_s * 1000:8.2f} ms")
-    print(f"ratio pag_vs_cfg_step_cpu {ratios['cpu']:.3f}")
-    print(f"ratio pag_vs_cfg_step {ratios['wall']:.3f}")
+        on_s = statistics.median(t[i] for t in on_t) / args.steps
+        ratios[clock] = on_s / cfg_s
+        print(f"{clock:4s} step cfg {cfg_s * 1000:8.2f} ms   step cfg+{name} {on_s * 1000:8.2f} ms")
+    print(f"ratio {name}_vs_cfg_step_cpu {ratios['cpu']:.3f}")
+    print(f"ratio {name}_vs_cfg_step {ratios['wall']:.3f}")
     return ratios["wall"]
 
 
@@ -568,7 +582,7 @@ def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
 
 
 BENCHES = {
-    "pag": bench_pag,
+    **{name: bench_guidance for name in GUIDANCE},
     "colorize": bench_colorize,
     "style": bench_style,
     "style_memory": bench_style_memory,

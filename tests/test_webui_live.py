@@ -424,3 +424,77 @@ def test_soak_through_the_api():
     if rss0 is not None and rss1 is not None:
         print(f"server RSS growth after warm-up: {rss1 - rss0:+.1f} MB over {count} generations ({bad} bad)")
         assert rss1 - rss0 < 50
+
+
+def _scale_of(text: str, key: str) -> str | None:
+    """The value of ``key`` in an infotext line (None where absent)."""
+    for part in text.split("\n")[-1].split(", "):
+        if part.startswith(key + ": "):
+            return part[len(key) + 2 :]
+    return None
+
+
+def test_seg_sag_nag_alone_together_and_bad_input():
+    """SEG, SAG and NAG through the API: off and their neutral values are pixel-identical to no extension; each alone
+    and all three with PAG change the image and write their infotext, which pastes back through the WebUI's own
+    parser; CFG 1 (SAG on the cond rows, NAG's negative prompt without CFG), a batch of 2 and hires fix; bad values
+    are HTTP errors naming the field, and the WebUI keeps serving."""
+    plain = pixels(ok(txt2img())["images"][0])
+    off = [{"seg": {"enabled": False}, "sag": {"enabled": False}, "nag": {"enabled": False}},
+           {"seg": {"scale": 0}, "sag": {"scale": 0}, "nag": {"scale": 1}}]
+    for args in off:
+        body = ok(txt2img([args]))
+        assert np.array_equal(pixels(body["images"][0]), plain), args
+        assert not any(k in infotext(body) for k in ("SEG", "SAG", "NAG")), infotext(body)
+    alone = {"seg": ({"scale": 3.0, "blur_sigma": 2.0}, "SEG scale: 3"),
+             "sag": ({"scale": 1.0, "threshold": 0.5}, "SAG scale: 1"),
+             "nag": ({"scale": 4.0, "tau": 2.0}, "NAG scale: 4")}
+    for name, (values, fragment) in alone.items():
+        body = ok(txt2img([{name: values}]))
+        assert fragment in infotext(body), infotext(body)
+        assert not np.array_equal(pixels(body["images"][0]), plain), name
+    values = {"pag_enabled": True, "pag_scale": 2.0, "seg_enabled": True, "seg_scale": 2.5, "seg_blur_sigma": 3.0,
+              "seg_layers": "middle, output.3", "sag_enabled": True, "sag_scale": 0.5, "sag_blur_sigma": 2.0,
+              "sag_threshold": 0.8, "sag_end": 0.9, "nag_enabled": True, "nag_scale": 3.0, "nag_tau": 2.0,
+              "nag_alpha": 0.5, "nag_start": 0.1, "seg_hires": "own", "seg_hires_scale": 1.5, "nag_hires": "off"}
+    for cfg in (5.0, 1.0):
+        base = ok(txt2img(batch_size=2, cfg_scale=cfg))
+        body = ok(txt2img([values], batch_size=2, cfg_scale=cfg))
+        assert len(body["images"]) == 2
+        for a, b in zip(base["images"], body["images"], strict=True):
+            assert not np.array_equal(pixels(a), pixels(b)), cfg
+        parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][1]}))["parameters"]
+        restored = S.defaults().with_values(S.from_infotext({k: str(v) for k, v in parsed.items()}))
+        assert restored == S.defaults().with_values(values), cfg
+    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2,
+              hr_additional_modules=["Use same choices"])  # Forge's API fails without it; A1111 ignores it
+    plain_hr = pixels(ok(txt2img(**hr))["images"][0])
+    guided_hr = ok(txt2img([values], **hr))
+    assert pixels(guided_hr["images"][0]).shape == plain_hr.shape
+    assert not np.array_equal(pixels(guided_hr["images"][0]), plain_hr)
+    assert "SEG hires: own" in infotext(guided_hr) and "NAG hires: off" in infotext(guided_hr)
+    for args, fragment in [({"nag": {"scale": 0.5}}, "(nag.scale)"), ({"seg": {"blur_sigma": -1}}, "(seg.blur_sigma)"),
+                           ({"sag": {"threshold": "x"}}, "(sag.threshold)"), ({"seg": {"layers": "output.99"}},
+                                                                               "(seg.layers)")]:
+        status, err = txt2img([args])
+        assert status >= 400 and fragment in json.dumps(err), (args, err)
+    assert np.array_equal(pixels(ok(txt2img())["images"][0]), plain)
+
+
+def test_xyz_axes_of_seg_sag_nag():
+    """``[Attention] SEG scale`` (X), ``SAG scale`` (Y) and ``NAG scale`` (Z) axes: each cell equals the same settings
+    run alone through ``alwayson_scripts``."""
+    info = ok(call("/sdapi/v1/script-info"))
+    choices = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
+    args = [choices.index("[Attention] SEG scale"), "0, 3", [], choices.index("[Attention] SAG scale"), "0.5", [],
+            choices.index("[Attention] NAG scale"), "2", [], True, True, False, False, 0, 0, 0, 0, False]
+    body = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args}))
+    texts = json.loads(body["info"])["infotexts"]
+    cells = [(pixels(b), t) for b, t in zip(body["images"][1:], texts[1:], strict=True)]  # [grid, cells]
+    assert len(cells) == 2, texts
+    for image, text in cells:
+        assert _scale_of(text, "SAG scale") == "0.5" and _scale_of(text, "NAG scale") == "2", text
+        seg = _scale_of(text, "SEG scale")
+        single = {"sag": {"scale": 0.5}, "nag": {"scale": 2.0}, **({"seg": {"scale": 3.0}} if seg == "3" else {})}
+        assert seg in ("3", "0"), text
+        assert np.array_equal(image, pixels(ok(txt2img([single]))["images"][0])), text
