@@ -15,7 +15,7 @@ from lib_attn.methods.nag.core import nag
 from tests.fakes.a1111_double import a1111_host
 from tests.fakes.forge_env import forge_host
 from tests.support.helpers import SCRIPT, assert_no_leftovers
-from tests.support.pag import BASE, record_plain_run
+from tests.support.pag import BASE, record_plain_run, reference_guided
 
 SQUARE = dict(BASE, width=128, height=128)
 
@@ -75,23 +75,9 @@ def nag_on(unet, negative, s, tau, alpha):
 
 
 def reference(h, seen, cfg, s, tau, alpha):
-    import k_diffusion.external
-    import k_diffusion.sampling
-
-    model = h.modules.shared.sd_model
-    den = k_diffusion.external.CompVisDenoiser(model)
-
-    def cond_dict(c):
-        return {"c_crossattn": [c], "c_concat": [torch.zeros(c.shape[0], 5, 1, 1, dtype=c.dtype)]}
-
-    def f(x, sigma):
-        u = den(x, sigma, cond=cond_dict(seen["uncond"]))
-        with nag_on(model.model.diffusion_model, seen["uncond"], s, tau, alpha):
-            c = den(x, sigma, cond=cond_dict(seen["cond"]))
-        return u + cfg * (c - u)
-
-    with torch.no_grad():
-        return k_diffusion.sampling.sample_euler(f, seen["x0"] * 1.0, torch.tensor([*seen["sigmas"], 0.0]), disable=True)
+    """Separate uncond and cond calls, the cond one with NAG put on the model by plain attribute swaps."""
+    unet = h.modules.shared.sd_model.model.diffusion_model
+    return reference_guided(h, seen, cfg, [], cond_context=lambda: nag_on(unet, seen["uncond"], s, tau, alpha))
 
 
 @pytest.mark.parametrize("make", [a1111_host, forge_host])

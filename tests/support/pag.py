@@ -59,10 +59,10 @@ def reference_sample(h, seen, cfg, pag_scale, layers, *, model_fn=None):
     return reference_guided(h, seen, cfg, [(pag_scale, lambda: identity_on(mods))], model_fn=model_fn)
 
 
-def reference_guided(h, seen, cfg, terms, *, model_fn=None):
-    """Independent CFG + perturbed-copy guidance: separate model calls per step (uncond, cond, and for each
-    ``(scale, perturbation)`` of ``terms`` the cond again inside ``perturbation()``), fed to the real Euler sampler
-    from the recorded start latent and sigmas."""
+def reference_guided(h, seen, cfg, terms, *, model_fn=None, cond_context=contextlib.nullcontext):
+    """Independent CFG + perturbed-copy guidance: separate model calls per step (uncond, cond inside
+    ``cond_context()``, and for each ``(scale, perturbation)`` of ``terms`` the cond again inside
+    ``perturbation()``), fed to the real Euler sampler from the recorded start latent and sigmas."""
     import k_diffusion.external
     import k_diffusion.sampling
 
@@ -74,7 +74,8 @@ def reference_guided(h, seen, cfg, terms, *, model_fn=None):
 
     def f(x, sigma):
         u = den(x, sigma, cond=cond_dict(seen["uncond"]))
-        c = den(x, sigma, cond=cond_dict(seen["cond"]))
+        with cond_context():
+            c = den(x, sigma, cond=cond_dict(seen["cond"]))
         out = u + cfg * (c - u)
         for scale, perturbation in terms:
             with perturbation():
