@@ -42,6 +42,7 @@ class BatchLayout:
     cond_image: tuple[int, ...] = ()  # per cond row, its image
     groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
     own_text: frozenset[str] = frozenset()  # groups with a text conditioning of their own (not their image's prompt)
+    cond_weight: tuple[float, ...] = ()  # per cond row, its AND weight (empty: all 1)
 
     @property
     def n_extra(self) -> int:
@@ -103,10 +104,13 @@ class BatchLayout:
                 out.update(zip(self.group(name), src, strict=True))
         return out
 
+    def weight(self, row: int) -> float:
+        return self.cond_weight[row] if self.cond_weight else 1.0
+
     @classmethod
-    def from_repeats(cls, repeats: Sequence[int]) -> BatchLayout:
+    def from_repeats(cls, repeats: Sequence[int], weights: Sequence[float] = ()) -> BatchLayout:
         """``repeats[i]`` = number of cond rows (AND sub-prompts) of image i; no extra rows (the rows as the host
-        made them: cond rows, then uncond rows)."""
+        made them: cond rows, then uncond rows); ``weights``: each cond row's AND weight (empty: all 1)."""
         firsts, images, row = [], [], 0
         for i, r in enumerate(repeats):
             if r < 1:
@@ -115,7 +119,7 @@ class BatchLayout:
             images += [i] * r
             row += r
         n = len(repeats)
-        return cls(row, n, tuple(firsts), tuple(images))
+        return cls(row, n, tuple(firsts), tuple(images), cond_weight=tuple(float(w) for w in weights))
 
 
 def take_rows(t: Any, rows: Sequence[int]) -> Any:

@@ -2,7 +2,8 @@
 
 A method's folder has ``hooks_forge.py`` (Forge 2, reForge, Forge Classic/Neo: patchers, post-CFG functions) and
 ``hooks_a1111.py`` (A1111: rows in the CFG batch, forward wrappers), each defining ``Hooks``, a subclass of the
-family's base here.  The host adapter makes one ``Hooks`` per method that is switched on, in
+family's base here; a method that acts in the CFG stage only has one ``hooks.py`` for every host
+(:class:`lib_attn.cfg.CfgHooks`).  The host adapter makes one ``Hooks`` per method that is switched on, in
 :data:`lib_attn.methods.ORDER`, and calls each event on all of them in that order.  A hook gets an explicit
 context (:class:`ForgeContext`) and keeps its state on itself and in its method's run object; it imports nothing
 from the WebUI.
@@ -38,6 +39,7 @@ class ForgeContext:
     step: int = 0  # the host's sampling step (it lags: the first two CFG calls both see 0)
     total_steps: int = 0
     calls: int = 0  # CFG-denoiser calls so far in this generation: tells one call's attention from the next
+    call_index: int = 0  # the CFG denoiser's own call counter in this pass (0 at the pass's first model evaluation)
     unet: Any = None  # the pass's UNet module (its attention layers' projections)
     failed: Callable[[], bool] = lambda: False  # whether the generation has already failed
 
@@ -50,7 +52,12 @@ def make_hooks(settings: Any, family: str, ctx: Any, runs: dict) -> list[tuple[s
     out = []
     for m in METHODS:
         if settings.section(m.name).active:
-            module = importlib.import_module(f"lib_attn.methods.{m.name}.hooks_{family}")
+            try:
+                module = importlib.import_module(f"lib_attn.methods.{m.name}.hooks_{family}")
+            except ModuleNotFoundError as e:
+                if e.name != f"lib_attn.methods.{m.name}.hooks_{family}":
+                    raise
+                module = importlib.import_module(f"lib_attn.methods.{m.name}.hooks")  # the same on every host
             out.append((m.name, module.Hooks(ctx, runs.get(m.name))))
     return out
 
@@ -83,6 +90,8 @@ def block_key(extra_options: dict) -> tuple | None:
 
 class ForgeHooks:
     """Forge-family events; each does nothing unless a method overrides it."""
+
+    cfg_stage = False  # the method acts in the CFG stage (lib_attn/cfg.py): the host installs its CFG function
 
     def __init__(self, ctx: ForgeContext, run: Any = None):
         self.ctx = ctx
@@ -117,6 +126,13 @@ class ForgeHooks:
 
     def on_denoiser(self, params: Any) -> None:
         """The CFG denoiser is about to run the model (``params.x`` may be changed: one row per image)."""
+
+    def skip_uncond(self) -> bool:
+        """At this step the host need not run the uncond rows (their prediction is the cond one)."""
+        return False
+
+    def cfg(self, g: Any) -> None:
+        """The CFG stage of this step (a :class:`lib_attn.cfg.CfgStep`): change how cond and uncond combine."""
 
     def post_cfg(self, args: dict, denoised: Tensor) -> Tensor:
         """After CFG: return the changed prediction."""
@@ -185,6 +201,9 @@ class Step:
     layout: Any  # lib_attn.batch.BatchLayout
     denoiser: Any
     blend_in: tuple | None = None  # (model input, sigma) of those rows, after the input blends
+    skip_uncond: bool = False  # a method asked the host not to run the uncond rows at this step
+    cfg_in: tuple | None = None  # (model input, sigma) of each image's first cond row, for the CFG stage
+    cfg_pred: tuple | None = None  # (c, u) in x0 units, for the CFG stage (see lib_attn.cfg)
 
 
 class A1111Hooks:
@@ -201,6 +220,7 @@ class A1111Hooks:
     ``cfg_scale``, ``in_one_call``, ``in_batch``, ``unet(denoiser)``."""
 
     transforms_rows = False  # its attention wrappers change the output of the host's rows (other wrappers adapt)
+    cfg_stage = False  # the method acts in the CFG stage (lib_attn/cfg.py)
 
     def __init__(self, ctx: Any, run: Any = None):
         self.ctx = ctx
@@ -243,8 +263,16 @@ class A1111Hooks:
         the uncond rows, and capture groups for the host's private call(s) (or to ride along when they fit)."""
         return [], []
 
+    def skip_uncond(self) -> bool:
+        """At this step (asked once ``step_active`` said so) the host need not run the uncond rows: they are not
+        computed and take each image's first cond output."""
+        return False
+
     def denoised(self, out: Tensor) -> None:
         """The model output of the whole batch (``on_cfg_denoised``), in the step's layout."""
+
+    def cfg(self, g: Any) -> None:
+        """The CFG stage of this step (a :class:`lib_attn.cfg.CfgStep`): change how cond and uncond combine."""
 
     def after_cfg(self, params: Any, delta: Tensor) -> Tensor:
         """After CFG: return ``delta`` plus this method's change of the B-row prediction ``params.x``."""

@@ -183,7 +183,7 @@ def _non_default_settings() -> S.Settings:
         elif f.kind == "choice":
             values[f.key] = next(c for c in f.choices if c != f.default)
         elif f.kind == "str":
-            values[f.key] = "input.4, output.1"
+            values[f.key] = "7, 3" if f.key == "fdg_scales" else "input.4, output.1"
         elif f.kind == "image":
             from PIL import Image
 

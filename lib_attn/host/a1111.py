@@ -28,6 +28,7 @@ from torch import nn
 
 from lib_attn import batch as batchmod
 from lib_attn.batch import BatchLayout
+from lib_attn.cfg import CfgStep, plain_cfg
 from lib_attn.hooks import Step, make_hooks
 from lib_attn.host.a1111_context import A1111Context, _cat_conds, _condition, _like, _rows, current_unet, unet_of
 from lib_attn.host.services import SERVICES
@@ -118,6 +119,8 @@ class A1111Session(Session):
         for name, h in reversed(self.named_hooks):
             h.install(self.plan.of(name), unet, self.patches)
         if self.plan.any:
+            if any(h.cfg_stage and self.plan.of(name) is not None for name, h in self.named_hooks):
+                self.patches.wrap_forward(unet, self._skip_uncond_rows)
             self.patches.add_handle(unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
 
     # ---- CFG callbacks ----------------------------------------------------------------------
@@ -127,6 +130,7 @@ class A1111Session(Session):
         den = params.denoiser
         self._ensure_pass(den)
         ctx.step, ctx.total_steps = params.sampling_step, params.total_sampling_steps
+        ctx.call_index = int(getattr(den, "step", 0))
         ctx.denoiser, ctx.sigma = den, params.sigma
         if self.plan is None or not self.plan.any:
             return
@@ -151,9 +155,13 @@ class A1111Session(Session):
             g, c = h.rows(params, layout)
             groups += g
             capture += [(h, c_) for c_ in c]
+        cfg_in = None
+        if any(a and h.cfg_stage for a, h in zip(active, self.hooks, strict=True)):
+            cfg_in = params.x[first].detach().clone(), params.sigma[first].detach().clone()
+        skip = any(a and h.skip_uncond() for a, h in zip(active, self.hooks, strict=True))
         if groups:
             layout = self._insert_rows(params, layout, groups)
-        ctx.st = Step(layout, den, blend_in=blend_in)
+        ctx.st = Step(layout, den, blend_in=blend_in, skip_uncond=skip, cfg_in=cfg_in)
         self._cursor = 0
         if capture:
             self._run_private(capture)
@@ -190,9 +198,15 @@ class A1111Session(Session):
         st = self.ctx.st
         if st is None:
             return
-        self.ctx.cond_out = params.x[list(st.layout.first_cond)].clone()
+        layout, out = st.layout, params.x
+        first = list(layout.first_cond)
+        if st.skip_uncond:
+            out[list(layout.uncond)] = out[first]  # as A1111 fills the uncond rows it skips (in place: CFG reads it)
+        if st.cfg_in is not None:
+            st.cfg_pred = self._cfg_predictions(st, out)
+        self.ctx.cond_out = out[first].clone()
         for h in self.hooks:
-            h.denoised(params.x)
+            h.denoised(out)
 
     def on_cfg_after_cfg(self, params: Any) -> None:
         ctx = self.ctx
@@ -202,6 +216,8 @@ class A1111Session(Session):
             return
         try:
             delta = torch.zeros_like(ctx.cond_out)
+            if st.cfg_pred is not None:
+                delta = self._cfg_stage(st)
             for h in self.hooks:
                 delta = h.after_cfg(params, delta)
             den = st.denoiser
@@ -218,6 +234,54 @@ class A1111Session(Session):
             params.x = out
         finally:
             ctx.cond_out = None
+
+    # ---- the CFG stage (lib_attn/cfg.py) --------------------------------------------------------
+    def _cfg_predictions(self, st: Step, out: torch.Tensor) -> tuple:
+        """Each image's ``c`` (its AND sub-prompts folded in) and ``u``, in x0 units."""
+        layout, (x, sigma), den = st.layout, st.cfg_in, st.denoiser
+        uncond = out[list(layout.uncond)]
+        c = uncond.clone()
+        for row in range(layout.n_cond):
+            i = layout.cond_image[row]
+            c[i] += (out[row] - uncond[i]) * layout.weight(row)
+        to_x0 = self.ctx.to_denoised
+        return to_x0(den, x, sigma, c), to_x0(den, x, sigma, uncond)
+
+    def _cfg_stage(self, st: Step) -> torch.Tensor:
+        """The CFG stage's change of the B-row prediction, in the sampler's output units."""
+        ctx, den, (x, sigma), (c, u) = self.ctx, st.denoiser, st.cfg_in, st.cfg_pred
+        w = ctx.cfg_scale()
+        cfg_hooks = [h for h in self.hooks if h.cfg_stage]
+        if w is None:
+            ctx.fail(
+                cfg_hooks[0].enabled_field.error(
+                    "cannot run with A1111's 'skip early CFG' or negative guidance minimum sigma (NGMS) on: they skip "
+                    "the uncond pass behind its back; set them to 0"
+                )
+            )
+            return torch.zeros_like(c)
+        scale = ctx.x_per_denoised(den, sigma, x)
+        g = CfgStep(x / scale, c, None if st.skip_uncond else u, w, ctx.call_index, ctx.step, ctx.total_steps)
+        for h in cfg_hooks:
+            h.cfg(g)
+        return ctx.output_delta(den, sigma, g.result() - plain_cfg(c, u, w))
+
+    def _skip_uncond_rows(self, module: nn.Module, call_next: Any, *args: Any, **kwargs: Any) -> Any:
+        """UNet forward: where a method skips the uncond pass, the uncond rows of the call are not computed (zeros;
+        ``on_cfg_denoised`` gives them the cond output)."""
+        ctx, st = self.ctx, self.ctx.st
+        if st is None or not st.skip_uncond or ctx.private or ctx.call is None:
+            return call_next(*args, **kwargs)
+        start, n = ctx.call
+        keep = max(0, min(st.layout.uncond.start - start, n))
+        if keep == n:
+            return call_next(*args, **kwargs)
+        x = args[0] if args else kwargs["x"]
+        shape = (n - keep, int(getattr(module, "out_channels", x.shape[1])), *x.shape[2:])
+        zeros = x.new_zeros(shape)
+        if keep == 0:
+            return zeros
+        return torch.cat([ctx.sub_call(call_next, args, kwargs, n, 0, keep), zeros])
 
     def _blend_prediction(self, st: Step, den: Any, out: torch.Tensor) -> torch.Tensor:
         """The methods' source-keeping blends of the prediction, in x0 space (their masks multiply)."""
@@ -279,13 +343,15 @@ class A1111Session(Session):
         n_cond = n_total - n_images
         if n_images <= 0 or n_cond < n_images:
             raise SettingsError("model", "Model", f"unexpected CFG batch ({n_total} rows, {n_images} uncond)")
-        if n_cond == n_images:
-            return BatchLayout.from_repeats([1] * n_images)
         conds = getattr(p, "hr_c", None) if getattr(p, "is_hr_pass", False) else getattr(p, "c", None)
-        repeats = [len(b) for b in getattr(conds, "batch", [])]
+        batch = list(getattr(conds, "batch", None) or [])
+        repeats = [len(b) for b in batch]
+        weights = [float(getattr(c, "weight", 1.0)) for b in batch for c in b]
+        if n_cond == n_images and repeats != [1] * n_images:
+            return BatchLayout.from_repeats([1] * n_images)
         if len(repeats) != n_images or sum(repeats) != n_cond:
             raise SettingsError("model", "Model", "could not tell which rows belong to which image (AND prompts)")
-        return BatchLayout.from_repeats(repeats)
+        return BatchLayout.from_repeats(repeats, weights)
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ctx = self.ctx

@@ -42,6 +42,7 @@ class A1111Context:
         self.plan: Any = None
         self.step = 0
         self.total_steps = 0
+        self.call_index = 0  # the CFG denoiser's own call counter in this pass (0 at the pass's first evaluation)
         self.st: Step | None = None
         self.call: tuple[int, int] | None = None
         self.private_layout: BatchLayout | None = None  # layout of a private call in progress

@@ -16,6 +16,7 @@ from typing import Any
 
 from modules import script_callbacks
 
+from lib_attn.cfg import CfgStep
 from lib_attn.hooks import ForgeContext, block_key, make_hooks
 from lib_attn.host.services import SERVICES
 from lib_attn.registry import clean_leftovers
@@ -74,6 +75,8 @@ class ForgeSession(Session):
         self._attn: dict[str, dict[tuple, list]] = {"attn1": {}, "attn2": {}}  # key -> hooks patching it
         self._observers: dict[tuple, list] = {}
         self._wrappers: list = []
+        self._strength = 1.0  # the step's sum of AND weights (Forge multiplies c - u by it)
+        self._skipped = False  # the CFG stage skipped the step's uncond pass
 
     @contextlib.contextmanager
     def sampling(self):
@@ -116,6 +119,7 @@ class ForgeSession(Session):
 
     def on_cfg_denoiser(self, params: Any) -> None:
         self.ctx.step, self.ctx.total_steps = params.sampling_step, params.total_sampling_steps
+        self.ctx.call_index = int(getattr(params.denoiser, "step", 0))
         self.ctx.calls += 1
         if self.plan is None:
             return
@@ -146,6 +150,18 @@ class ForgeSession(Session):
             return
         clone = fo.unet.clone()
         setattr(clone, _CLONE_MARK, self)
+        cfg_hooks = [h for name, h in self.named_hooks if h.cfg_stage and self.plan.of(name) is not None]
+        if cfg_hooks:
+            if "sampler_cfg_function" in clone.model_options:
+                self.fail(
+                    cfg_hooks[0].enabled_field.error(
+                        "another extension already sets Forge's CFG function (sampler_cfg_function); switch it off "
+                        "or leave this method off"
+                    )
+                )
+                return
+            clone.set_model_sampler_pre_cfg_function(self._pre_cfg)
+            clone.set_model_sampler_cfg_function(self._cfg_function)
         clone.set_model_sampler_post_cfg_function(self._post_cfg)
         self._attn, self._observers, self._wrappers = {"attn1": {}, "attn2": {}}, {}, []
         for name, h in self.named_hooks:
@@ -173,6 +189,29 @@ class ForgeSession(Session):
         for h in self.hooks:
             denoised = h.post_cfg(args, denoised)
         return denoised
+
+    def _pre_cfg(self, model: Any, cond: Any, uncond: Any, x: Any, timestep: Any, model_options: dict) -> tuple:
+        """Pre-CFG: note the AND weights; drop the uncond pass where a method skips it."""
+        self._strength = float(sum(c.get("strength", 1.0) for c in cond))
+        self._skipped = False
+        if uncond is not None and self.plan is not None and any(h.skip_uncond() for h in self.hooks):
+            uncond, self._skipped = None, True
+        return model, cond, uncond, x, timestep, model_options
+
+    def _cfg_function(self, args: dict) -> Any:
+        """Forge's ``sampler_cfg_function`` (its result is used as ``x - result``): the CFG stage."""
+        x, w, k = args["input"], float(args["cond_scale"]), self._strength
+        c, u = args["cond_denoised"], args["uncond_denoised"]
+        if self._skipped:
+            return x - c
+        if w == 1.0 or self.plan is None:
+            return x - (u + (c - u) * (w * k))  # what Forge computes without a CFG function
+        ctx = self.ctx
+        g = CfgStep(x, u + (c - u) * k, u, w, ctx.call_index, ctx.step, ctx.total_steps)
+        for h in self.hooks:
+            if h.cfg_stage:
+                h.cfg(g)
+        return x - g.result()
 
     def _unet_wrapper(self, apply_model: Any, args: dict) -> Any:
         """``model_function_wrapper``: the methods' wrappers, the first outermost."""
