@@ -83,6 +83,11 @@ GUIDANCE = {
     "seg": ({"seg_enabled": True, "seg_scale": 3.0}, 5.0),
     "sag": ({"sag_enabled": True, "sag_scale": 0.75}, 5.0),
     "nag": ({"nag_enabled": True, "nag_scale": 5.0}, 1.0),
+    # the CFG stage: no extra pass (AG saves the uncond pass once the predictions agree)
+    "apg": ({"apg_enabled": True}, 7.0),
+    "cfg_zero": ({"cfg_zero_enabled": True}, 7.0),
+    "fdg": ({"fdg_enabled": True}, 7.0),
+    "ag": ({"ag_enabled": True}, 7.0),
 }
 
 

@@ -157,6 +157,8 @@ def local_span(span: range, call_start: int, call_rows: int, attn_rows: int) -> 
 
 
 def _slice(v: Any, n: int, a: int, b: int) -> Any:
+    if isinstance(v, (list, tuple)):  # a list of contexts (one per transformer depth)
+        return type(v)(_slice(t, n, a, b) for t in v)
     return v[a:b] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
 
 

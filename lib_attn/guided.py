@@ -172,6 +172,10 @@ class PerturbedCall(ForgeHooks):
         """The ``attn1`` replace patch ``(q, k, v, extra_options) -> out`` of the perturbed call."""
         raise NotImplementedError
 
+    def perturbed_options(self, plan: Any, model_options: dict) -> dict:
+        """The model options of the perturbed call (a copy): by default ``replace(plan)`` on the plan's layers."""
+        return with_attn1_replace(model_options, self.replace(plan), [k.forge_key for k in plan.layers])
+
     def post_cfg(self, args: dict, denoised: Tensor) -> Tensor:
         plan, ctx = self.ctx.plan.of(self.NAME), self.ctx
         if plan is None:
@@ -180,7 +184,6 @@ class PerturbedCall(ForgeHooks):
         scale = plan.scale_at(ctx.step, ctx.total_steps, forge_timestep(model, sigma))
         if scale <= 0:
             return denoised
-        keys = [k.forge_key for k in plan.layers]
-        options = with_attn1_replace(args["model_options"], self.replace(plan), keys)
+        options = self.perturbed_options(plan, args["model_options"])
         perturbed, _ = ctx.calc(model, args["cond"], None, args["input"], sigma, options)
         return denoised + guidance_delta(args["cond_denoised"], perturbed, scale)

@@ -118,8 +118,9 @@ class ForgeHooks:
         """A new pass is planned (``plan``: this method's plan in it, None where inactive)."""
 
     def install(self, plan: Any) -> dict:
-        """Patches for the pass: ``{"attn1": keys, "attn2": keys, "observe_attn1": keys, "unet_wrapper": fn}`` (all
-        optional).  The host patches each key once and calls there every method's ``observe_attn1``, then its
+        """Patches for the pass: ``{"attn1": keys, "attn2": keys, "observe_attn1": keys, "unet_wrapper": fn,
+        "block_input": {transformer block path: fn}}`` (all optional; ``fn(x, transformer_options) -> x`` changes a
+        transformer block's input, as an object patch of its ``forward``).  The host patches each key once and calls there every method's ``observe_attn1``, then its
         ``attn1``/``attn2``; ``unet_wrapper(apply_model, args)`` wraps the model function (Forge's
         ``model_function_wrapper``; ``apply_model(x, t, **c)`` runs the next wrapper or the model)."""
         return {}

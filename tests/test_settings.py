@@ -111,6 +111,21 @@ EXAMPLE_ALL = {
     "ag_threshold": 0.995,
     "ag_earliest": 0.2,
     "ag_compare": "noise",
+    "tpg_enabled": True,
+    "tpg_scale": 2.5,
+    "tpg_start": 0.0,
+    "tpg_end": 0.8,
+    "tpg_layers": "input.8",
+    "tpg_hires": "own",
+    "tpg_hires_scale": 1.5,
+    "swg_enabled": True,
+    "swg_scale": 4.0,
+    "swg_window": 512,
+    "swg_overlap": 64,
+    "swg_start": 0.0,
+    "swg_end": 0.6,
+    "swg_hires": "off",
+    "swg_hires_scale": 5.0,
 }
 
 

@@ -179,7 +179,8 @@ def _non_default_settings() -> S.Settings:
             v = f.default + step if f.maximum is None or f.default + step <= f.maximum else f.default - step
             values[f.key] = round(v, 6)  # a value a slider gives (0.1 + 0.005 is not the float 0.105)
         elif f.kind == "int":
-            values[f.key] = f.default + 1 if f.default + 1 <= f.maximum else f.default - 1
+            step = int(f.step or 1)
+            values[f.key] = f.default + step if f.default + step <= f.maximum else f.default - step
         elif f.kind == "choice":
             values[f.key] = next(c for c in f.choices if c != f.default)
         elif f.kind == "str":

@@ -498,3 +498,67 @@ def test_xyz_axes_of_seg_sag_nag():
         single = {"sag": {"scale": 0.5}, "nag": {"scale": 2.0}, **({"seg": {"scale": 3.0}} if seg == "3" else {})}
         assert seg in ("3", "0"), text
         assert np.array_equal(image, pixels(ok(txt2img([single]))["images"][0])), text
+
+
+CFG_STAGE = {"apg_enabled": True, "apg_eta": 0.1, "apg_norm_threshold": 5.0, "apg_momentum": -0.5,
+             "cfg_zero_enabled": True, "cfg_zero_zero_steps": 1, "fdg_enabled": True, "fdg_levels": 2,
+             "fdg_low_share": 0.4, "fdg_scales": "9, ", "ag_enabled": True, "ag_threshold": 0.999, "ag_earliest": 0.5}
+
+
+def test_cfg_stage_methods_alone_together_and_bad_input():
+    """APG, CFG-Zero*, FDG and AG through the API: off is pixel-identical to no extension, and so is each at CFG 1
+    (nothing to combine); each alone and all together (with PAG, SAG and NAG) change the image and write infotext that
+    pastes back through the WebUI's parser; batch of 2, hires fix and img2img; bad values are HTTP errors naming the
+    field, and the WebUI keeps serving."""
+    plain = pixels(ok(txt2img())["images"][0])
+    off = {"apg": {"enabled": False}, "cfg_zero": {"enabled": False}, "fdg": {"enabled": False}, "ag": {"enabled": False}}
+    assert np.array_equal(pixels(ok(txt2img([off]))["images"][0]), plain)
+    plain_one = pixels(ok(txt2img(cfg_scale=1))["images"][0])
+    one = ok(txt2img([{k: {"enabled": True} for k in off}], cfg_scale=1))
+    assert np.array_equal(pixels(one["images"][0]), plain_one)
+    alone = {"apg": ({"momentum": -0.5, "norm_threshold": 2.0}, "APG norm threshold: 2"),
+             "cfg_zero": ({"zero_steps": 1}, "CFG-Zero zero steps: 1"),
+             "fdg": ({"low_share": 0.3}, "FDG low share: 0.3")}
+    for name, (values, fragment) in alone.items():
+        body = ok(txt2img([{name: values}]))
+        assert fragment in infotext(body), infotext(body)
+        assert not np.array_equal(pixels(body["images"][0]), plain), name
+    together = {**CFG_STAGE, "pag_enabled": True, "pag_scale": 1.5, "sag_enabled": True, "nag_enabled": True}
+    base = ok(txt2img(batch_size=2))
+    body = ok(txt2img([together], batch_size=2))
+    for a, b in zip(base["images"], body["images"], strict=True):
+        assert not np.array_equal(pixels(a), pixels(b))
+    parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][1]}))["parameters"]
+    restored = S.defaults().with_values(S.from_infotext({k: str(v) for k, v in parsed.items()}))
+    assert restored == S.defaults().with_values(together)
+    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2,
+              hr_additional_modules=["Use same choices"], hr_cfg=5.0)
+    guided_hr = ok(txt2img([CFG_STAGE], **hr))
+    assert not np.array_equal(pixels(guided_hr["images"][0]), pixels(ok(txt2img(**hr))["images"][0]))
+    i2i = {**BASE, "init_images": [base["images"][0]], "denoising_strength": 0.6}
+    a = ok(call("/sdapi/v1/img2img", i2i))
+    b = ok(call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [CFG_STAGE]}}}))
+    assert not np.array_equal(pixels(a["images"][0]), pixels(b["images"][0]))
+    for args, fragment in [({"fdg": {"scales": "9, x"}}, "(fdg.scales)"), ({"apg": {"momentum": 3}}, "(apg.momentum)"),
+                           ({"ag": {"compare": "both"}}, "(ag.compare)"),
+                           ({"fdg": {"enabled": True, "levels": 5}}, "(fdg.levels)")]:  # 5 bands need 384 px
+        status, err = txt2img([args])
+        assert status >= 400 and fragment in json.dumps(err), (args, err)
+    assert np.array_equal(pixels(ok(txt2img())["images"][0]), plain)
+
+
+def test_xyz_axes_of_cfg_stage_methods():
+    """``[Attention] APG momentum`` (X) and ``FDG low share`` (Y): each cell equals the same settings run alone."""
+    info = ok(call("/sdapi/v1/script-info"))
+    choices = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
+    args = [choices.index("[Attention] APG momentum"), "-0.5, 0", [], choices.index("[Attention] FDG low share"), "0.3",
+            [], 0, "", [], True, True, False, False, 0, 0, 0, 0, False]
+    body = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args}))
+    texts = json.loads(body["info"])["infotexts"]
+    cells = [(pixels(b), t) for b, t in zip(body["images"][1:], texts[1:], strict=True)]
+    assert len(cells) == 2, texts
+    for image, text in cells:
+        momentum = _scale_of(text, "APG momentum")
+        assert momentum in ("-0.5", "0") and _scale_of(text, "FDG low share") == "0.3", text
+        single = {"apg": {"enabled": True, "momentum": float(momentum)}, "fdg": {"enabled": True, "low_share": 0.3}}
+        assert np.array_equal(image, pixels(ok(txt2img([single]))["images"][0])), text

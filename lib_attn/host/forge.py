@@ -164,6 +164,7 @@ class ForgeSession(Session):
             clone.set_model_sampler_cfg_function(self._cfg_function)
         clone.set_model_sampler_post_cfg_function(self._post_cfg)
         self._attn, self._observers, self._wrappers = {"attn1": {}, "attn2": {}}, {}, []
+        block_inputs: dict[str, list] = {}
         for name, h in self.named_hooks:
             wants = h.install(self.plan.of(name))
             for kind in ("attn1", "attn2"):
@@ -174,8 +175,13 @@ class ForgeSession(Session):
                 self._attn["attn1"].setdefault(key, [])
             if wants.get("unet_wrapper") is not None:
                 self._wrappers.append(wants["unet_wrapper"])
+            for path, fn in wants.get("block_input", {}).items():
+                block_inputs.setdefault(path, []).append(fn)
         if self._wrappers:
             clone.set_model_unet_function_wrapper(self._unet_wrapper)
+        for path, fns in block_inputs.items():
+            block = unet_module.get_submodule(path)
+            clone.add_object_patch(f"diffusion_model.{path}.forward", _block_input_forward(block, fns))
         for key in self._attn["attn1"]:
             clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
         for key in self._attn["attn2"]:
@@ -239,6 +245,20 @@ class ForgeSession(Session):
             if out is not None:
                 return out
         return _attention(q, k, v, int(extra_options["n_heads"]))
+
+
+def _block_input_forward(block: Any, fns: list) -> Any:
+    """An object patch of a transformer block's ``forward``: ``fn(x, transformer_options)`` of each method changes
+    the block's input first."""
+    forward = type(block).forward
+
+    def patched(x: Any, context: Any = None, transformer_options: Any = None, **kw: Any) -> Any:
+        options = {} if transformer_options is None else transformer_options
+        for fn in fns:
+            x = fn(x, options)
+        return forward(block, x, context=context, transformer_options=options, **kw)
+
+    return patched
 
 
 def _diffusion_model(p: Any) -> Any:

@@ -9,7 +9,7 @@ folder and one entry at the end.
 
 from __future__ import annotations
 
-from lib_attn.methods import ag, apg, cfg_zero, colorize, edit_mask, fdg, nag, pag, sag, seg, style, yoda
+from lib_attn.methods import ag, apg, cfg_zero, colorize, edit_mask, fdg, nag, pag, sag, seg, style, swg, tpg, yoda
 from lib_attn.methods.base import Method
 
 ORDER: tuple = (
@@ -26,6 +26,8 @@ ORDER: tuple = (
     cfg_zero.METHOD,
     fdg.METHOD,
     ag.METHOD,
+    tpg.METHOD,
+    swg.METHOD,
 )
 
 METHODS: tuple[Method, ...] = tuple(dict.fromkeys(e if isinstance(e, Method) else e[0] for e in ORDER))

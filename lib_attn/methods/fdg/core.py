@@ -30,7 +30,7 @@ class FdgPlan:
         """Each band's scale, finest first: from ``w`` down to ``max(1, w * low_share)`` linearly, then overrides."""
         low = max(1.0, w * self.low_share)
         n = self.levels
-        out = [w + (low - w) * i / (n - 1) for i in range(n)]
+        out = [w + (low - w) * i / (n - 1) for i in range(n - 1)] + [low]
         return [o if o is not None else s for s, o in zip(out, self.overrides + (None,) * n, strict=False)]
 
 
