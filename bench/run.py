@@ -88,6 +88,8 @@ GUIDANCE = {
     "cfg_zero": ({"cfg_zero_enabled": True}, 7.0),
     "fdg": ({"fdg_enabled": True}, 7.0),
     "ag": ({"ag_enabled": True}, 7.0),
+    "tpg": ({"tpg_enabled": True, "tpg_scale": 3.0}, 5.0),
+    "swg": ({"swg_enabled": True, "swg_scale": 5.0}, 5.0),
 }
 
 

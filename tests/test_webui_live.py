@@ -562,3 +562,35 @@ def test_xyz_axes_of_cfg_stage_methods():
         assert momentum in ("-0.5", "0") and _scale_of(text, "FDG low share") == "0.3", text
         single = {"apg": {"enabled": True, "momentum": float(momentum)}, "fdg": {"enabled": True, "low_share": 0.3}}
         assert np.array_equal(image, pixels(ok(txt2img([single]))["images"][0])), text
+
+
+def test_tpg_swg_alone_together_and_bad_input():
+    """TPG and SWG through the API: off is pixel-identical; each alone and both with PAG change the image and write
+    infotext that pastes back; CFG 1 (TPG), batch of 2, hires fix; bad values are HTTP errors naming the field."""
+    plain = pixels(ok(txt2img())["images"][0])
+    assert np.array_equal(pixels(ok(txt2img([{"tpg": {"scale": 0}, "swg": {"scale": 0}}]))["images"][0]), plain)
+    for name, values, fragment in (("tpg", {"scale": 2.0, "layers": "input.7, input.8"}, "TPG scale: 2"),
+                                   ("swg", {"scale": 4.0, "window": 0}, "SWG scale: 4")):
+        body = ok(txt2img([{name: values}]))
+        assert fragment in infotext(body), infotext(body)
+        assert not np.array_equal(pixels(body["images"][0]), plain), name
+    values = {"tpg_enabled": True, "tpg_scale": 2.0, "tpg_hires": "own", "tpg_hires_scale": 1.0, "swg_enabled": True,
+              "swg_scale": 3.0, "swg_overlap": 64, "swg_end": 0.8, "pag_enabled": True, "pag_scale": 1.0}
+    for cfg in (5.0, 1.0):
+        base = ok(txt2img(batch_size=2, cfg_scale=cfg))
+        body = ok(txt2img([values], batch_size=2, cfg_scale=cfg))
+        for a, b in zip(base["images"], body["images"], strict=True):
+            assert not np.array_equal(pixels(a), pixels(b)), cfg
+        parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][1]}))["parameters"]
+        restored = S.defaults().with_values(S.from_infotext({k: str(v) for k, v in parsed.items()}))
+        assert restored == S.defaults().with_values(values), cfg
+    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2,
+              hr_additional_modules=["Use same choices"])
+    guided_hr = ok(txt2img([values], **hr))
+    assert not np.array_equal(pixels(guided_hr["images"][0]), pixels(ok(txt2img(**hr))["images"][0]))
+    assert "TPG hires: own" in infotext(guided_hr)
+    for args, fragment in [({"tpg": {"layers": "input.99"}}, "(tpg.layers)"), ({"swg": {"window": 4096}}, "(swg.window)"),
+                           ({"swg": {"window": 32}}, "(swg.window)"), ({"tpg": {"scale": -1}}, "(tpg.scale)")]:
+        status, err = txt2img([args])
+        assert status >= 400 and fragment in json.dumps(err), (args, err)
+    assert np.array_equal(pixels(ok(txt2img())["images"][0]), plain)
