@@ -1,13 +1,17 @@
 """Benchmarks: cost of each method against plain sampling, measured in the same run.
 
-    .venv/bin/python bench/run.py pag|seg|sag|nag|colorize|style|edit_mask|masked_upscale [--size tiny|sd15] [--steps N] [--repeat R] [--batch B]
+    .venv/bin/python bench/run.py pag|seg|sag|nag|tpg|swg|apg|cfg_zero|fdg|ag|colorize|style|edit_mask|masked_upscale
+        [--size tiny|sd15] [--steps N] [--repeat R] [--batch B] [--memory]
 
 ``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
 ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
 the median per-step times (wall clock, and this process's CPU time, which a busy shared machine disturbs less)
 and, as its last line, ``ratio pag_vs_cfg_step <value>`` (wall clock).  ``seg`` and ``sag`` do the same for SEG
 (``ratio seg_vs_cfg_step``) and SAG (``ratio sag_vs_cfg_step``) at CFG 5, ``nag`` for NAG at CFG 1 against a
-plain CFG-1 step (``ratio nag_vs_cfg_step``).  ``--size sd15`` builds a
+plain CFG-1 step (``ratio nag_vs_cfg_step``); ``tpg`` and ``swg`` at CFG 5; ``apg``, ``cfg_zero``, ``fdg`` and ``ag``
+(the CFG stage) at CFG 7.  With ``--memory`` they also run plain and guided generations in one child process each and
+print ``ratio <method>_peak_memory_vs_plain`` (peak resident memory during the generation, weights included) and
+``ratio <method>_activation_memory_vs_plain`` (above the resident memory before it: weights counted once, apart).  ``--size sd15`` builds a
 full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent); expect minutes.
 
 ``colorize`` times whole img2img generations with reference colorization against plain img2img (same steps,
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -55,6 +60,7 @@ SCRIPT = ROOT / "scripts" / "attention_toolkit.py"
 SIZES = {
     # name: (model kind passed to the double, latent-space image size in pixels)
     "tiny": ("sd1", 256),
+    "tiny1024": ("sd1", 1024),  # the tiny UNet on a large latent: activations, not weights, make the peak
     "sd15": ("sd15", 512),
 }
 
@@ -138,8 +144,115 @@ def bench_guidance(args: argparse.Namespace) -> float:
         ratios[clock] = on_s / cfg_s
         print(f"{clock:4s} step cfg {cfg_s * 1000:8.2f} ms   step cfg+{name} {on_s * 1000:8.2f} ms")
     print(f"ratio {name}_vs_cfg_step_cpu {ratios['cpu']:.3f}")
+    _rule_cost(name)
+    if args.memory:
+        _guidance_memory(args)
     print(f"ratio {name}_vs_cfg_step {ratios['wall']:.3f}")
     return ratios["wall"]
+
+
+def _rule_cost(name: str) -> None:
+    """The CFG-stage rule alone on SD1.5 (64x64) and SDXL (128x128) latents, batch 1, fp32, this process's threads:
+    what the method adds to a step beyond the host's own CFG, without the noise of whole-step timings."""
+    from lib_attn.cfg import plain_cfg
+    from lib_attn.methods.ag.core import similarity
+    from lib_attn.methods.apg.core import ApgPlan, apg
+    from lib_attn.methods.cfg_zero.core import scaled_uncond
+    from lib_attn.methods.fdg.core import FdgPlan, fdg
+
+    rules = {
+        "apg": lambda x, c, u: apg(c, u, 7.0, ApgPlan(0.0, 15.0, -0.5, 0, 1), c - u)[0],
+        "cfg_zero": lambda x, c, u: plain_cfg(c, scaled_uncond(x, c, u), 7.0),
+        "fdg": lambda x, c, u: fdg(c, u, FdgPlan(2, 0.5, (), 0, 1).scales(7.0), plain_cfg),
+        "ag": lambda x, c, u: similarity(x, c, u, "denoised"),
+    }
+    if name not in rules:
+        return
+    for side in (64, 128):
+        g = torch.Generator().manual_seed(0)
+        x, c, u = (torch.randn(1, 4, side, side, generator=g) for _ in range(3))
+        for _ in range(5):
+            rules[name](x, c, u)
+        t = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            rules[name](x, c, u)
+            t.append(time.perf_counter() - t0)
+        plain = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            plain_cfg(c, u, 7.0)
+            plain.append(time.perf_counter() - t0)
+        print(
+            f"rule {name} on a {side}x{side} latent: {statistics.median(t) * 1000:.3f} ms "
+            f"(plain CFG's combination {statistics.median(plain) * 1000:.3f} ms)"
+        )
+
+
+def _guidance_run(args: argparse.Namespace, variant: str) -> None:
+    """A child of ``--memory``: build the model, warm-up generations of both settings at 1 step (one-time
+    allocations, the same in every child), reset the peak-RSS mark, one generation of ``variant`` (``plain`` or
+    ``on``); prints ``PEAK <peak MB> <RSS before MB>``."""
+    values, cfg = GUIDANCE[args.method]
+    kind, size = SIZES[args.size]
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with a1111_host(kind) as h:
+        h.load_script(SCRIPT)
+        base = dict(
+            prompt="a photo of a cat",
+            negative_prompt="blurry",
+            seed=1,
+            cfg_scale=cfg,
+            width=size,
+            height=size,
+            batch_size=args.batch,
+            sampler_name="Euler",
+        )
+        for warm in ({}, values):
+            h.txt2img(**base, steps=1, script_args=S.defaults().with_values(warm).to_args())
+        before = _reset_peak_rss()
+        on = S.defaults().with_values(values if variant == "on" else {}).to_args()
+        h.txt2img(**base, steps=args.steps, script_args=on)
+        print(f"PEAK {_status_mb('VmHWM'):.1f} {before:.1f}", flush=True)
+
+
+def _child_peak(args: argparse.Namespace, variant: str) -> tuple[float, float]:
+    """``(peak, before)`` resident memory in MB of a child process running ``_guidance_run(variant)``: one process
+    per variant, so that no variant's peak hides another's."""
+    cmd = [
+        sys.executable,
+        str(pathlib.Path(__file__).resolve()),
+        args.method,
+        "--size",
+        args.size,
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+        "--child",
+        variant,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("PEAK "))
+    peak, before = (float(v) for v in line.split()[1:])
+    return peak, before
+
+
+def _guidance_memory(args: argparse.Namespace) -> None:
+    name = args.method
+    runs = [(v, _child_peak(args, v)) for v in ("plain", "on", "plain", "on")]  # interleaved; each the lower of two
+    plain, on = (min((r for v, r in runs if v == want), key=lambda r: r[0]) for want in ("plain", "on"))
+    print(
+        f"peak RSS during one generation: plain {plain[0]:.0f} MB ({plain[1]:.0f} MB before it: weights, torch, the "
+        f"double), with {name} {on[0]:.0f} MB ({on[1]:.0f} MB before); one child process per run"
+    )
+    print(f"ratio {name}_peak_memory_vs_plain {on[0] / plain[0]:.3f}")
+    if plain[0] > plain[1]:
+        print(f"ratio {name}_activation_memory_vs_plain {(on[0] - on[1]) / (plain[0] - plain[1]):.3f}")
 
 
 def _setup(args: argparse.Namespace) -> tuple[str, int]:
@@ -607,7 +720,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto", help="style: checkpointing")
+    ap.add_argument("--memory", action="store_true", help="guidance methods: also the peak-memory ratio")
+    ap.add_argument("--child", choices=("plain", "on"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        _guidance_run(args, args.child)
+        return
     BENCHES[args.method](args)
 
 
