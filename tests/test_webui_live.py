@@ -566,7 +566,8 @@ def test_xyz_axes_of_cfg_stage_methods():
 
 def test_tpg_swg_alone_together_and_bad_input():
     """TPG and SWG through the API: off is pixel-identical; each alone and both with PAG change the image and write
-    infotext that pastes back; CFG 1 (TPG), batch of 2, hires fix; bad values are HTTP errors naming the field."""
+    infotext that pastes back; CFG 1 (TPG), batch of 2, hires fix, img2img; bad values are HTTP errors naming the
+    field."""
     plain = pixels(ok(txt2img())["images"][0])
     assert np.array_equal(pixels(ok(txt2img([{"tpg": {"scale": 0}, "swg": {"scale": 0}}]))["images"][0]), plain)
     for name, values, fragment in (("tpg", {"scale": 2.0, "layers": "input.7, input.8"}, "TPG scale: 2"),
@@ -589,6 +590,10 @@ def test_tpg_swg_alone_together_and_bad_input():
     guided_hr = ok(txt2img([values], **hr))
     assert not np.array_equal(pixels(guided_hr["images"][0]), pixels(ok(txt2img(**hr))["images"][0]))
     assert "TPG hires: own" in infotext(guided_hr)
+    i2i = {**BASE, "init_images": [base["images"][0]], "denoising_strength": 0.6}
+    a = ok(call("/sdapi/v1/img2img", i2i))
+    b = ok(call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [values]}}}))
+    assert not np.array_equal(pixels(a["images"][0]), pixels(b["images"][0]))
     for args, fragment in [({"tpg": {"layers": "input.99"}}, "(tpg.layers)"), ({"swg": {"window": 4096}}, "(swg.window)"),
                            ({"swg": {"window": 32}}, "(swg.window)"), ({"tpg": {"scale": -1}}, "(tpg.scale)")]:
         status, err = txt2img([args])
