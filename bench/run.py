@@ -99,29 +99,36 @@ GUIDANCE = {
 }
 
 
-def bench_guidance(args: argparse.Namespace) -> float:
-    name = args.method
-    values, cfg = GUIDANCE[name]
+def _guidance_setup(args: argparse.Namespace) -> tuple[dict, float, str, int, dict]:
+    """No grad, the thread count asked for; the method's settings, its CFG scale, the model kind, the image size and
+    the txt2img arguments (without ``steps``) of a guidance benchmark."""
+    values, cfg = GUIDANCE[args.method]
     kind, size = SIZES[args.size]
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
+    base = dict(
+        prompt="a photo of a cat",
+        negative_prompt="blurry",
+        seed=1,
+        cfg_scale=cfg,
+        width=size,
+        height=size,
+        batch_size=args.batch,
+        sampler_name="Euler",
+    )
+    return values, cfg, kind, size, base
+
+
+def bench_guidance(args: argparse.Namespace) -> float:
+    name = args.method
+    values, cfg, kind, size, base = _guidance_setup(args)
+    base["steps"] = args.steps
     with a1111_host(kind) as h:
         h.load_script(SCRIPT)
         times, restore = _timed_sampling(h)
         off = S.defaults().to_args()
         on = S.defaults().with_values(values).to_args()
-        base = dict(
-            prompt="a photo of a cat",
-            negative_prompt="blurry",
-            seed=1,
-            steps=args.steps,
-            cfg_scale=cfg,
-            width=size,
-            height=size,
-            batch_size=args.batch,
-            sampler_name="Euler",
-        )
         try:
             h.txt2img(**base, script_args=on)  # warm-up
             h.txt2img(**base, script_args=off)
@@ -193,23 +200,9 @@ def _guidance_run(args: argparse.Namespace, variant: str) -> None:
     """A child of ``--memory``: build the model, warm-up generations of both settings at 1 step (one-time
     allocations, the same in every child), reset the peak-RSS mark, one generation of ``variant`` (``plain`` or
     ``on``); prints ``PEAK <peak MB> <RSS before MB>``."""
-    values, cfg = GUIDANCE[args.method]
-    kind, size = SIZES[args.size]
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    values, _, kind, _, base = _guidance_setup(args)
     with a1111_host(kind) as h:
         h.load_script(SCRIPT)
-        base = dict(
-            prompt="a photo of a cat",
-            negative_prompt="blurry",
-            seed=1,
-            cfg_scale=cfg,
-            width=size,
-            height=size,
-            batch_size=args.batch,
-            sampler_name="Euler",
-        )
         for warm in ({}, values):
             h.txt2img(**base, steps=1, script_args=S.defaults().with_values(warm).to_args())
         before = _reset_peak_rss()

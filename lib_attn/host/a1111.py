@@ -145,9 +145,10 @@ class A1111Session(Session):
             return
         first = list(layout.first_cond)
         blends = [h.input(params, layout) for h in self.hooks]
-        blend_in = None
-        if any(blends):
-            blend_in = params.x[first].detach().clone(), params.sigma[first].detach().clone()
+        cfg = any(a and h.cfg_stage for a, h in zip(active, self.hooks, strict=True))
+        first_in = None  # each image's first cond row (input and sigma) after the input blends
+        if any(blends) or cfg:
+            first_in = params.x[first].detach().clone(), params.sigma[first].detach().clone()
         for h in self.hooks:
             h.prepare(params, layout)
         groups, capture = [], []
@@ -155,12 +156,10 @@ class A1111Session(Session):
             g, c = h.rows(params, layout)
             groups += g
             capture += [(h, c_) for c_ in c]
-        cfg_in = None
-        if any(a and h.cfg_stage for a, h in zip(active, self.hooks, strict=True)):
-            cfg_in = params.x[first].detach().clone(), params.sigma[first].detach().clone()
         skip = any(a and h.skip_uncond() for a, h in zip(active, self.hooks, strict=True))
         if groups:
             layout = self._insert_rows(params, layout, groups)
+        blend_in, cfg_in = (first_in if any(blends) else None), (first_in if cfg else None)
         ctx.st = Step(layout, den, blend_in=blend_in, skip_uncond=skip, cfg_in=cfg_in)
         self._cursor = 0
         if capture:
