@@ -180,6 +180,40 @@ def infotext_value(field: Field, params: Mapping[str, str]) -> Any:
     return parsed.get(field.key, field.default)
 
 
+def pastable(field: Field) -> bool:
+    """Whether pasting infotext sets this field's control (an image control keeps its upload)."""
+    return bool(field.infotext) and field.kind != "image"
+
+
+def pasted_params(params: Mapping[str, str]) -> dict[str, str]:
+    """Every pastable field's infotext entry, completed for the WebUI's paste (the ``infotext_pasted`` callback).
+
+    The WebUI's paste (``infotext_utils.connect_paste``) sets each control named in the script's
+    ``infotext_fields`` from ``params[name]`` and leaves a control whose name is absent as it was.  The entries
+    returned here are what ``params`` should hold so that every toolkit control takes its value from the pasted
+    text: a section's entries as written, its ``enabled`` entry (never written: a section present is on) as
+    ``True``/``False``, and each entry absent or malformed as the field's default, so that a control missing from
+    the infotext goes back to its default and one bad entry does not stop the rest from pasting.  The strings are
+    :meth:`Field.format`'s, which the paste's conversion (``bool``: ``"False"`` is false; numbers through
+    ``float``) reads back as the same value."""
+    out: dict[str, str] = {}
+    for f in FIELDS:
+        if not pastable(f):
+            continue
+        if f.name == "enabled":
+            on = any(g.infotext in params for g in fields_of(f.section) if g.name != "enabled")
+            out[f.infotext] = f.format(on)
+            continue
+        value = f.default
+        if f.infotext in params:
+            try:
+                value = f.parse(params[f.infotext])
+            except SettingsError:
+                value = f.default
+        out[f.infotext] = f.format(value)
+    return out
+
+
 def fields_of(section: str) -> Iterable[Field]:
     """A section's fields in UI order."""
     return iter(BY_NAME[section].fields)

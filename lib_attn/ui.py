@@ -40,7 +40,7 @@ RADIO_MAX_CHOICES = 4  # choice fields with more options become a dropdown
 @dataclass
 class UiParts:
     components: list[Any]  # one per Field, in FIELDS order: the script's positional args
-    infotext_fields: list[tuple[Any, Callable[[Mapping[str, str]], Any]]]
+    infotext_fields: list[tuple[Any, str]]  # (control, infotext name) for the WebUI's paste and "send to"
     paste_field_names: list[str]
     sections: dict[str, SectionParts] = field(default_factory=dict)
     help: dict[str, str] = field(default_factory=dict)  # elem_id -> help text, as given to the JS
@@ -128,31 +128,6 @@ def make_component(f: S.Field, elem_id: str) -> Any:
     if f.kind == "image":
         return gr.Image(value=None, **image_kwargs(), **common)
     raise ValueError(f"{S.TITLE}: no UI for field {f.api_name} of kind {f.kind!r}")
-
-
-def _restorer(f: S.Field) -> Callable[[Mapping[str, str]], Any]:
-    """The value this field's control takes when an infotext is pasted (its default when the keys are absent)."""
-
-    def restore(params: Mapping[str, str]) -> Any:
-        try:
-            return S.infotext_value(f, params)
-        except S.SettingsError:
-            # One malformed entry must not break pasting the whole infotext: judge this field on its own.
-            if f.name == "enabled":
-                return any(g.infotext in params for g in S.fields_of(f.section) if g.name != "enabled")
-            if f.infotext in params:
-                try:
-                    return f.parse(params[f.infotext])
-                except S.SettingsError:
-                    return f.default
-            return f.default
-
-    restore.__name__ = f"restore_{f.key}"
-    return restore
-
-
-def _pastable(f: S.Field) -> bool:
-    return bool(f.infotext) and f.kind != "image"
 
 
 def page_data(help_by_id: Mapping[str, str], sections: Mapping[str, SectionParts], sync_id: str | None) -> dict:
@@ -257,7 +232,10 @@ def build(is_img2img: bool, elem_id: Callable[[str], str]) -> UiParts:
         )
 
     components = [by_key[f.key] for f in S.FIELDS]
-    pastable = [f for f in S.FIELDS if _pastable(f)]
-    infotext_fields = [(by_key[f.key], _restorer(f)) for f in pastable]
-    paste_field_names = list(dict.fromkeys(f.infotext for f in pastable))
+    # Named entries, not functions: the WebUI's "send to img2img" copies the controls whose names are in
+    # paste_field_names (a function-keyed control is never copied); the script's infotext_pasted callback
+    # (settings.pasted_params) completes pasted infotext so that every named control gets a value.
+    pastable = [f for f in S.FIELDS if S.pastable(f)]
+    infotext_fields = [(by_key[f.key], f.infotext) for f in pastable]
+    paste_field_names = [f.infotext for f in pastable]
     return UiParts(components, infotext_fields, paste_field_names, sections, help_by_id)

@@ -56,4 +56,5 @@ def _register_xyz(quiet=False):
 # loads before extension scripts, so registering now covers that case; __init__ above covers any other order.
 _register_xyz(quiet=True)
 script_callbacks.on_before_ui(_register_xyz)
+script_callbacks.on_infotext_pasted(host.infotext_pasted)
 script_callbacks.on_script_unloaded(host.cleanup_model)

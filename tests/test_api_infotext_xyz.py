@@ -67,18 +67,16 @@ def test_unknown_script_title_is_422(host):
 
 def test_infotext_pastes_back_every_field(host):
     out = host.txt2img(**BASE, script_args=S.defaults().with_values(CUSTOM).to_args())
-    params = host.modules.infotext_utils.parse_generation_parameters(out.infotexts[0])
     script = host.script(is_img2img=False)
-    pasted = {}
-    for component, target in script.infotext_fields:
-        value = target(params) if callable(target) else params.get(target)
-        pasted[component.elem_id] = value
+    paste = host.modules.infotext_utils.pasted_values  # the WebUI's paste, with the script's infotext_pasted callback
+    pasted = dict(zip((c.elem_id for c, _ in script.infotext_fields), paste(out.infotexts[0], script.infotext_fields), strict=True))
     # controls without an infotext entry (an uploaded image) keep what they hold; here, their default
     keep = {c.elem_id: f.default for c, f in zip(script.controls, S.FIELDS, strict=True)}
     values = [pasted.get(c.elem_id, keep[c.elem_id]) for c in script.controls]
     assert S.from_args(values) == S.defaults().with_values(CUSTOM)
     # an infotext without our keys resets every control to its default (PAG off)
-    empty = {c.elem_id: t({"Steps": "20"}) for c, t in script.infotext_fields}
+    empty = dict(zip((c.elem_id for c, _ in script.infotext_fields), paste("a cat\nSteps: 20, Seed: 1, Size: 64x64",
+                                                                          script.infotext_fields), strict=True))
     assert S.from_args([empty.get(c.elem_id, keep[c.elem_id]) for c in script.controls]) == S.defaults()
 
 
@@ -109,7 +107,8 @@ def test_sections_with_an_image_paste_back(host, section):
     params = host.modules.infotext_utils.parse_generation_parameters(out.infotexts[0])
     assert params[S.FIELD_BY_KEY[f"{section}_reference"].infotext] == S.image_digest((ref,))
     script = host.script(is_img2img=is_img2img)
-    pasted = {c.elem_id: t(params) for c, t in script.infotext_fields}
+    values = host.modules.infotext_utils.pasted_values(out.infotexts[0], script.infotext_fields)
+    pasted = dict(zip((c.elem_id for c, _ in script.infotext_fields), values, strict=True))
     keep = {c.elem_id: (ref if f.key == f"{section}_reference" else f.default)
             for c, f in zip(script.controls, S.FIELDS, strict=True)}
     values = [pasted.get(c.elem_id, keep[c.elem_id]) for c in script.controls]

@@ -195,7 +195,19 @@ def _non_default_settings() -> S.Settings:
     return S.defaults().with_values(values)
 
 
+def _pasted(parts, params: dict) -> dict:
+    """What the WebUI's paste gives each control (tests/fakes/common/paste.py), after the script's callback."""
+    from tests.fakes.common.paste import paste_values
+
+    params = dict(params)
+    params.update(S.pasted_params(params))  # the script's infotext_pasted callback (host.infotext_pasted)
+    values = paste_values(parts.infotext_fields, params)
+    return {c.elem_id: v for (c, _), v in zip(parts.infotext_fields, values, strict=True)}
+
+
 def test_infotext_restores_every_control(built):
+    from tests.fakes.common.paste import UNCHANGED
+
     _, parts = built
     chosen = _non_default_settings()
     params = chosen.to_infotext()
@@ -203,10 +215,13 @@ def test_infotext_restores_every_control(built):
     for tab in TABS:
         p = parts[tab]
         assert p.paste_field_names == [f.infotext for f in S.FIELDS if f.kind != "image"]
-        got = {c.elem_id: restore(params) for c, restore in p.infotext_fields}
+        assert [key for _, key in p.infotext_fields] == p.paste_field_names  # named: "send to" copies them
+        got = _pasted(p, params)
         for f, c in zip(S.FIELDS, p.components, strict=True):
             if f.kind != "image":  # an image control keeps its upload; infotext only records a digest
+                assert got[c.elem_id] is not UNCHANGED, f.key
                 assert got[c.elem_id] == want[f.key], f.key
+                assert type(got[c.elem_id]) is type(c.value) or f.kind in ("int", "float"), f.key
 
 
 def test_infotext_without_keys_resets_to_defaults(built):
@@ -214,21 +229,43 @@ def test_infotext_without_keys_resets_to_defaults(built):
     other = {"Steps": "20", "Sampler": "Euler a", "CFG scale": "7"}
     for tab in TABS:
         p = parts[tab]
-        by_id = {c.elem_id: restore for c, restore in p.infotext_fields}
+        got = _pasted(p, other)
         for f, c in zip(S.FIELDS, p.components, strict=True):
             if f.kind != "image":
-                assert by_id[c.elem_id](other) == f.default, f.key
+                assert got[c.elem_id] == f.default, f.key
+
+
+def test_infotext_with_one_section_resets_the_others(built):
+    _, parts = built
+    chosen = _non_default_settings()
+    pag_only = {k: v for k, v in chosen.to_infotext().items() if k.startswith("PAG ")}
+    want = chosen.values()
+    got = _pasted(parts["txt2img"], pag_only)
+    for f, c in zip(S.FIELDS, parts["txt2img"].components, strict=True):
+        if f.kind != "image":
+            assert got[c.elem_id] == (want[f.key] if f.section == "pag" else f.default), f.key
 
 
 def test_malformed_infotext_entry_does_not_break_paste(built):
     _, parts = built
     p = parts["txt2img"]
-    by_id = {c.elem_id: restore for c, restore in p.infotext_fields}
-    params = {"PAG scale": "lots", "PAG layers": "all"}
-    got = {f.key: by_id[c.elem_id](params) for f, c in zip(S.FIELDS, p.components, strict=True) if f.kind != "image"}
+    got = _pasted(p, {"PAG scale": "lots", "PAG layers": "all"})
+    got = {f.key: got[c.elem_id] for f, c in zip(S.FIELDS, p.components, strict=True) if f.kind != "image"}
     assert got["pag_enabled"] is True
     assert got["pag_scale"] == S.FIELD_BY_KEY["pag_scale"].default
     assert got["pag_layers"] == "all"
+
+
+def test_send_to_img2img_copies_every_toolkit_control(built):
+    """A1111's "send to img2img" copies the txt2img controls whose names are in paste_field_names."""
+    from tests.fakes.common.paste import send_to_pairs
+
+    _, parts = built
+    src, dst = parts["txt2img"], parts["img2img"]
+    inputs, outputs = send_to_pairs(src.infotext_fields, dst.infotext_fields, src.paste_field_names)
+    want = [f for f in S.FIELDS if f.kind != "image"]
+    assert [c.elem_id for c in inputs] == [f"script_txt2img_attention_toolkit_{f.key}" for f in want]
+    assert [c.elem_id for c in outputs] == [f"script_img2img_attention_toolkit_{f.key}" for f in want]
 
 
 # --------------------------------------------------------------------------------------------
