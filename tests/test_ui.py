@@ -16,6 +16,7 @@ import subprocess
 import pytest
 
 from lib_attn import settings as S
+from tests.support.helpers import non_default_settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 JS = ROOT / "javascript" / "attention_toolkit.js"
@@ -169,32 +170,6 @@ def test_enable_checkbox_drives_body_visibility(built):
 # --------------------------------------------------------------------------------------------
 # infotext
 # --------------------------------------------------------------------------------------------
-def _non_default_settings() -> S.Settings:
-    values = {}
-    for f in S.FIELDS:
-        if f.kind == "bool":
-            values[f.key] = not f.default if f.name != "enabled" else True
-        elif f.kind == "float":
-            step = f.step or 1.0
-            v = f.default + step if f.maximum is None or f.default + step <= f.maximum else f.default - step
-            values[f.key] = round(v, 6)  # a value a slider gives (0.1 + 0.005 is not the float 0.105)
-        elif f.kind == "int":
-            step = int(f.step or 1)
-            values[f.key] = f.default + step if f.default + step <= f.maximum else f.default - step
-        elif f.kind == "choice":
-            values[f.key] = next(c for c in f.choices if c != f.default)
-        elif f.kind == "str":
-            values[f.key] = "7, 3" if f.key == "fdg_scales" else "input.4, output.1"
-        elif f.kind == "image":
-            from PIL import Image
-
-            values[f.key] = Image.new("RGB", (16, 16), (10, 200, 30))
-    for section in S.SECTIONS:
-        if f"{section}_start" in values:
-            values[f"{section}_start"], values[f"{section}_end"] = 0.2, 0.8
-    return S.defaults().with_values(values)
-
-
 def _pasted(parts, params: dict) -> dict:
     """What the WebUI's paste gives each control (tests/fakes/common/paste.py), after the script's callback."""
     from tests.fakes.common.paste import paste_values
@@ -209,7 +184,7 @@ def test_infotext_restores_every_control(built):
     from tests.fakes.common.paste import UNCHANGED
 
     _, parts = built
-    chosen = _non_default_settings()
+    chosen = non_default_settings()
     params = chosen.to_infotext()
     want = chosen.values()
     for tab in TABS:
@@ -237,7 +212,7 @@ def test_infotext_without_keys_resets_to_defaults(built):
 
 def test_infotext_with_one_section_resets_the_others(built):
     _, parts = built
-    chosen = _non_default_settings()
+    chosen = non_default_settings()
     pag_only = {k: v for k, v in chosen.to_infotext().items() if k.startswith("PAG ")}
     want = chosen.values()
     got = _pasted(parts["txt2img"], pag_only)
