@@ -23,14 +23,44 @@ def _exists(name: str) -> bool:
 
 
 def detect() -> str:
-    """``"forge"`` for Forge 2.x (``backend``), Forge-old and reForge (``modules_forge``); else ``"a1111"``."""
-    if _exists("backend.patcher") or _exists("modules_forge"):
+    """``"forge"`` for the WebUIs on Forge 2's ``backend/`` (Forge 2.x, Forge Neo, reForge's Forge-2-based branch);
+    ``"unsupported"`` for the other Forge lines (``modules_forge`` on the old ``ldm_patched`` backend: reForge,
+    Forge Classic, Forge before 2.0), whose patcher and CFG functions differ; else ``"a1111"``."""
+    if _exists("backend.patcher"):
         return "forge"
+    if _exists("modules_forge") or _exists("ldm_patched"):
+        return "unsupported"
     return "a1111"
 
 
+def host_name() -> str:
+    """The WebUI's own name for itself, for messages (``modules_forge.forge_version.version`` where it has one)."""
+    try:
+        version = str(importlib.import_module("modules_forge.forge_version").version)
+    except Exception:
+        version = ""
+    if _exists("backend.patcher"):
+        return f"Forge {version}".strip()
+    if "RC" in version or _exists("ldm_patched.modules.patcher_extension"):
+        return f"reForge {version}".strip()
+    if version == "classic":
+        return "Forge Classic"
+    if _exists("modules_forge") or _exists("ldm_patched"):
+        return f"Forge on the ldm_patched backend {version}".strip()
+    return "AUTOMATIC1111"
+
+
 def adapter() -> ModuleType:
-    return importlib.import_module(f"lib_attn.host.{detect()}")
+    """The running WebUI's adapter; a WebUI the toolkit does not run on raises ``SettingsError`` saying so."""
+    kind = detect()
+    if kind == "unsupported":
+        raise S.SettingsError(
+            "host",
+            "WebUI",
+            f"{host_name()} (the ldm_patched backend) is not supported yet; the toolkit runs on AUTOMATIC1111 1.9+ "
+            "and on the WebUIs with Forge 2's backend (Forge 2.x, Forge Neo); nothing was changed",
+        )
+    return importlib.import_module(f"lib_attn.host.{kind}")
 
 
 def settings_for(p: Any, args: tuple) -> S.Settings:
@@ -73,7 +103,8 @@ def infotext_pasted(infotext: str, params: dict) -> None:
 
 
 def before_every_sampling(p: Any) -> None:
-    if sessions.get(p) is not None:
+    session = sessions.get(p)
+    if session is not None and session.error is None:
         adapter().before_every_sampling(p)
 
 
@@ -111,6 +142,8 @@ def _append_images(processed: Any, extra: list) -> None:
 
 
 def cleanup_model() -> int:
+    if detect() == "unsupported":
+        return 0  # nothing was ever installed there
     try:
         return adapter().cleanup_model()
     except Exception as e:  # never break a scripts reload
