@@ -102,11 +102,21 @@ def _rows(fields: Sequence[S.Field]) -> list[list[S.Field]]:
     return rows
 
 
-def make_component(f: S.Field, elem_id: str) -> Any:
-    """One gradio input for one Field (must be called inside a gradio Blocks context)."""
+def info_under_title(title: str, help_text: str) -> str:
+    """The info line of a section's switch, drawn right under the section's title: the help text without a leading
+    "<method name>: " that the title already shows (the hover help keeps it)."""
+    head, sep, rest = help_text.partition(": ")
+    if sep and rest and head.lower() in title.lower():
+        return rest[:1].upper() + rest[1:]
+    return help_text
+
+
+def make_component(f: S.Field, elem_id: str, info: str | None = None) -> Any:
+    """One gradio input for one Field (must be called inside a gradio Blocks context); ``info`` replaces the help
+    text as the line under the label."""
     common: dict[str, Any] = {"label": f.label, "elem_id": elem_id}
     if f.kind == "bool":
-        return gr.Checkbox(value=bool(f.default), **_with_info(gr.Checkbox, common, f.help))
+        return gr.Checkbox(value=bool(f.default), **_with_info(gr.Checkbox, common, info or f.help))
     if f.kind in ("float", "int"):
         is_int = f.kind == "int"
         if f.minimum is not None and f.maximum is not None:
@@ -175,7 +185,8 @@ def _build_section(
             elem_classes=[f"{CSS_ROOT}-section-head"],
         )
         if enabled_field is not None:
-            enabled = by_key[enabled_field.key] = make_component(enabled_field, elem_id(enabled_field.key))
+            info = info_under_title(title, enabled_field.help)
+            enabled = by_key[enabled_field.key] = make_component(enabled_field, elem_id(enabled_field.key), info)
         body_visible = enabled_field is None or bool(enabled_field.default)
         with gr.Column(
             visible=body_visible, elem_id=elem_id(f"{section}_body"), elem_classes=[f"{CSS_ROOT}-body"]

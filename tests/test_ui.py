@@ -115,8 +115,8 @@ def test_one_component_per_field_in_order(gr, built, tab):
             assert isinstance(c, gr.Image)
         else:
             raise AssertionError(f"unexpected kind {f.kind}")
-        if f.help and f.kind != "image":  # gr.Image takes no info line; the JS gives it hover help  # e.g. gr.Image takes no info line; the JS adds hover help
-            assert c.info == f.help
+        if f.help and f.kind != "image" and f.name != "enabled":  # gr.Image takes no info line; the JS gives it hover
+            assert c.info == f.help  # help (a section's switch: test_section_switch_info_does_not_repeat_the_title)
 
 
 def test_ids_are_unique_and_differ_per_tab(built):
@@ -396,3 +396,22 @@ def test_css_is_scoped():
     selectors = [s.strip() for block in re.findall(r"([^{}]+)\{", css) for s in block.split(",")]
     assert selectors
     assert all(s.startswith(".attn-toolkit") for s in selectors), selectors
+
+
+def test_section_switch_info_does_not_repeat_the_title(built):
+    """The line under each section's switch drops a leading "<method name>: " that the title above already shows;
+    the hover help keeps the whole text."""
+    _, parts = built
+    for tab in TABS:
+        for name, sec in parts[tab].sections.items():
+            if sec.enabled is None:
+                continue
+            help_text = S.FIELD_BY_KEY[f"{name}_enabled"].help
+            head = help_text.partition(": ")[0]
+            if head.lower() in sec.title.lower():
+                assert not sec.enabled.info.lower().startswith(head.lower() + ":"), (name, sec.enabled.info)
+                assert sec.enabled.info[1:] in help_text
+            else:
+                assert sec.enabled.info == help_text
+            assert parts[tab].help[sec.enabled.elem_id] == help_text
+    assert parts["txt2img"].sections["pag"].enabled.info.startswith("Steer away from a prediction")
