@@ -151,7 +151,7 @@ class Ui:
 
     # tabs and the accordion
     def tab(self, tab: str) -> None:
-        self.page.locator("#tabs button", has_text=re.compile(rf"^\s*{tab}\s*$")).first.click()
+        self.page.locator("#tabs button", has_text=re.compile(rf"^\s*{tab}\s*$", re.IGNORECASE)).first.click()
         self.page.wait_for_selector(f"#tab_{tab}", state="visible")
 
     def visible(self, elem_id: str) -> bool:
