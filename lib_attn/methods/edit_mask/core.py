@@ -14,7 +14,7 @@ improves as steps go on).  At each step:
    (0.6) "other" words, the rest are ignored.  Our addition: function words (articles, prepositions) take
    no role (see :data:`FUNCTION_WORDS` for why).  Source = ``clamp(norm(mean(object)) - norm(mean(other)), 0)``.
    Words the user names replace the automatic choice (they are the object words; nothing is subtracted).
-3. **Post-process.** Two 5x5 Gaussian blurs (sigma 1.1, OpenCV's for that size), min-max normalize, binarize
+3. **Post-process.** Two 5x5 Gaussian blurs (sigma 1.1, see :data:`GAUSS_5_SIGMA`), min-max normalize, binarize
    at ``threshold``; then our additions for a WebUI user: grow (dilate) by ``grow`` latent pixels and feather
    with a Gaussian of ``blur`` latent pixels (a soft mask in [0, 1]).
 4. **Blend.** ``z <- z_src_t + M * (z - z_src_t)``: outside the mask the latent is the source noised to
@@ -40,7 +40,11 @@ from lib_attn.ops import blend, gaussian_blur, grid_of  # noqa: F401  (blend, gr
 Tensor = torch.Tensor
 
 DEFAULT_LAYERS = "auto"
-GAUSS_5_SIGMA = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8  # OpenCV's sigma for a 5x5 kernel given sigma 0
+# The sigma OpenCV's formula 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8 gives for a 5x5 kernel.  The official code's
+# cv2.GaussianBlur(m, (5, 5), 0) does not use it: for a kernel of 7 taps or fewer with sigma 0, OpenCV takes a
+# fixed table, [1, 4, 6, 4, 1] / 16, while this sigma gives [0.0708, 0.2445, 0.3695, 0.2445, 0.0708] (each tap
+# within 0.009 of the table's).
+GAUSS_5_SIGMA = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8
 
 
 # ---- layers --------------------------------------------------------------------------------------
