@@ -186,16 +186,12 @@ def pastable(field: Field) -> bool:
 
 
 def pasted_params(params: Mapping[str, str]) -> dict[str, str]:
-    """Every pastable field's infotext entry, completed for the WebUI's paste (the ``infotext_pasted`` callback).
+    """What every pastable field's control takes when infotext ``params`` is pasted, as infotext text.
 
-    The WebUI's paste (``infotext_utils.connect_paste``) sets each control named in the script's
-    ``infotext_fields`` from ``params[name]`` and leaves a control whose name is absent as it was.  The entries
-    returned here are what ``params`` should hold so that every toolkit control takes its value from the pasted
-    text: a section's entries as written, its ``enabled`` entry (never written: a section present is on) as
-    ``True``/``False``, and each entry absent or malformed as the field's default, so that a control missing from
-    the infotext goes back to its default and one bad entry does not stop the rest from pasting.  The strings are
-    :meth:`Field.format`'s, which the paste's conversion (``bool``: ``"False"`` is false; numbers through
-    ``float``) reads back as the same value."""
+    A section's entries as written; its ``enabled`` entry (never written: a section present is on) as
+    ``True``/``False``; each entry absent or malformed as the field's default, so that a control missing from the
+    infotext goes back to its default and one bad entry does not stop the rest from pasting.  :meth:`Field.parse`
+    reads each string back."""
     out: dict[str, str] = {}
     for f in FIELDS:
         if not pastable(f):

@@ -40,7 +40,7 @@ RADIO_MAX_CHOICES = 4  # choice fields with more options become a dropdown
 @dataclass
 class UiParts:
     components: list[Any]  # one per Field, in FIELDS order: the script's positional args
-    infotext_fields: list[tuple[Any, str]]  # (control, infotext name) for the WebUI's paste and "send to"
+    infotext_fields: list[tuple[Any, Callable[[Mapping[str, str]], Any]]]  # (control, its value from pasted params)
     paste_field_names: list[str]
     sections: dict[str, SectionParts] = field(default_factory=dict)
     help: dict[str, str] = field(default_factory=dict)  # elem_id -> help text, as given to the JS
@@ -138,6 +138,67 @@ def make_component(f: S.Field, elem_id: str, info: str | None = None) -> Any:
     if f.kind == "image":
         return gr.Image(value=None, **image_kwargs(), **common)
     raise ValueError(f"{S.TITLE}: no UI for field {f.api_name} of kind {f.kind!r}")
+
+
+def _restorer(f: S.Field) -> Callable[[Mapping[str, str]], Any]:
+    """The value this field's control takes when an infotext is pasted (its default when the entry is absent or
+    malformed; see ``settings.pasted_params``)."""
+
+    def restore(params: Mapping[str, str]) -> Any:
+        return f.parse(S.pasted_params(params)[f.infotext])
+
+    restore.__name__ = f"restore_{f.key}"
+    return restore
+
+
+SEND_TO_IMG2IMG = "txt2img_send_to_img2img"  # elem_id of the WebUI's "send to img2img" button (A1111, Forge)
+
+
+class SendToImg2img:
+    """Wires the WebUI's "send to img2img" button to copy every toolkit control from txt2img to img2img.
+
+    The WebUI's own copy (``infotext_utils.connect_paste_params_buttons``) takes only paste fields keyed by a name
+    listed in ``paste_field_names``; the toolkit's paste fields are keyed by functions (so that pasting an infotext
+    without a control's entry resets it to its default), which that copy skips.  The page is built in this order:
+    txt2img's controls, txt2img's output panel with the button, img2img's controls; ``tab_built`` and
+    ``component`` (the ``after_component`` callback) record each, and the click is added once all three exist.
+    A rebuilt UI (Reload UI) starts over at txt2img."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, UiParts] = {}
+        self.button: Any = None
+
+    def tab_built(self, tab: str, parts: UiParts) -> None:
+        if tab == "txt2img":
+            self.parts, self.button = {}, None
+        self.parts[tab] = parts
+        self._wire()
+
+    def component(self, component: Any, elem_id: str | None) -> None:
+        if elem_id == SEND_TO_IMG2IMG:
+            self.button = component
+            self._wire()
+
+    def _wire(self) -> None:
+        src, dst, button = self.parts.get("txt2img"), self.parts.get("img2img"), self.button
+        if src is None or dst is None or button is None:
+            return
+        keys = [i for i, f in enumerate(S.FIELDS) if S.pastable(f)]
+        button.click(
+            fn=_same,
+            inputs=[src.components[i] for i in keys],
+            outputs=[dst.components[i] for i in keys],
+            show_progress="hidden",
+            queue=False,
+        )
+        self.button = None  # wired once per built page
+
+
+def _same(*values: Any) -> Any:
+    return values[0] if len(values) == 1 else list(values)
+
+
+SEND_TO = SendToImg2img()
 
 
 def page_data(help_by_id: Mapping[str, str], sections: Mapping[str, SectionParts], sync_id: str | None) -> dict:
@@ -243,10 +304,7 @@ def build(is_img2img: bool, elem_id: Callable[[str], str]) -> UiParts:
         )
 
     components = [by_key[f.key] for f in S.FIELDS]
-    # Named entries, not functions: the WebUI's "send to img2img" copies the controls whose names are in
-    # paste_field_names (a function-keyed control is never copied); the script's infotext_pasted callback
-    # (settings.pasted_params) completes pasted infotext so that every named control gets a value.
     pastable = [f for f in S.FIELDS if S.pastable(f)]
-    infotext_fields = [(by_key[f.key], f.infotext) for f in pastable]
+    infotext_fields = [(by_key[f.key], _restorer(f)) for f in pastable]
     paste_field_names = [f.infotext for f in pastable]
     return UiParts(components, infotext_fields, paste_field_names, sections, help_by_id)

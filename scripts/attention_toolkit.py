@@ -27,6 +27,7 @@ class AttentionToolkitScript(scripts.Script):
         from lib_attn import ui
 
         parts = ui.build(is_img2img, self.elem_id)
+        ui.SEND_TO.tab_built("img2img" if is_img2img else "txt2img", parts)
         self.infotext_fields = parts.infotext_fields
         self.paste_field_names = parts.paste_field_names
         return parts.components
@@ -44,6 +45,15 @@ class AttentionToolkitScript(scripts.Script):
         host.postprocess(p, processed)
 
 
+def _after_component(component, **kwargs):
+    # the WebUI's "send to img2img" button, to copy the toolkit's controls too (lib_attn.ui.SendToImg2img)
+    elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
+    if elem_id == "txt2img_send_to_img2img":
+        from lib_attn import ui
+
+        ui.SEND_TO.component(component, elem_id)
+
+
 def _register_xyz(quiet=False):
     from lib_attn.host import xyz
 
@@ -56,5 +66,5 @@ def _register_xyz(quiet=False):
 # loads before extension scripts, so registering now covers that case; __init__ above covers any other order.
 _register_xyz(quiet=True)
 script_callbacks.on_before_ui(_register_xyz)
-script_callbacks.on_infotext_pasted(host.infotext_pasted)
+script_callbacks.on_after_component(_after_component)
 script_callbacks.on_script_unloaded(host.cleanup_model)

@@ -68,7 +68,7 @@ def test_unknown_script_title_is_422(host):
 def test_infotext_pastes_back_every_field(host):
     out = host.txt2img(**BASE, script_args=S.defaults().with_values(CUSTOM).to_args())
     script = host.script(is_img2img=False)
-    paste = host.modules.infotext_utils.pasted_values  # the WebUI's paste, with the script's infotext_pasted callback
+    paste = host.modules.infotext_utils.pasted_values  # the WebUI's paste
     pasted = dict(zip((c.elem_id for c, _ in script.infotext_fields), paste(out.infotexts[0], script.infotext_fields), strict=True))
     # controls without an infotext entry (an uploaded image) keep what they hold; here, their default
     keep = {c.elem_id: f.default for c, f in zip(script.controls, S.FIELDS, strict=True)}

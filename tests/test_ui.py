@@ -174,9 +174,7 @@ def _pasted(parts, params: dict) -> dict:
     """What the WebUI's paste gives each control (tests/fakes/common/paste.py), after the script's callback."""
     from tests.fakes.common.paste import paste_values
 
-    params = dict(params)
-    params.update(S.pasted_params(params))  # the script's infotext_pasted callback (host.infotext_pasted)
-    values = paste_values(parts.infotext_fields, params)
+    values = paste_values(parts.infotext_fields, dict(params))
     return {c.elem_id: v for (c, _), v in zip(parts.infotext_fields, values, strict=True)}
 
 
@@ -190,7 +188,7 @@ def test_infotext_restores_every_control(built):
     for tab in TABS:
         p = parts[tab]
         assert p.paste_field_names == [f.infotext for f in S.FIELDS if f.kind != "image"]
-        assert [key for _, key in p.infotext_fields] == p.paste_field_names  # named: "send to" copies them
+        assert all(callable(key) for _, key in p.infotext_fields)  # absent entries reset to defaults
         got = _pasted(p, params)
         for f, c in zip(S.FIELDS, p.components, strict=True):
             if f.kind != "image":  # an image control keeps its upload; infotext only records a digest
@@ -231,16 +229,30 @@ def test_malformed_infotext_entry_does_not_break_paste(built):
     assert got["pag_layers"] == "all"
 
 
-def test_send_to_img2img_copies_every_toolkit_control(built):
-    """A1111's "send to img2img" copies the txt2img controls whose names are in paste_field_names."""
+def test_send_to_img2img_copies_every_toolkit_control(gr, ui):
+    """The WebUI's own "send to img2img" copies only name-keyed paste fields (none of ours); SendToImg2img adds a
+    click that copies every pastable control, in the order the page is built (txt2img, its button, img2img)."""
     from tests.fakes.common.paste import send_to_pairs
 
-    _, parts = built
-    src, dst = parts["txt2img"], parts["img2img"]
-    inputs, outputs = send_to_pairs(src.infotext_fields, dst.infotext_fields, src.paste_field_names)
-    want = [f for f in S.FIELDS if f.kind != "image"]
-    assert [c.elem_id for c in inputs] == [f"script_txt2img_attention_toolkit_{f.key}" for f in want]
-    assert [c.elem_id for c in outputs] == [f"script_img2img_attention_toolkit_{f.key}" for f in want]
+    wiring = ui.SendToImg2img()
+    with gr.Blocks() as demo:
+        src = ui.build(False, _elem_id_for("txt2img"))
+        wiring.tab_built("txt2img", src)
+        button = gr.Button("send", elem_id=ui.SEND_TO_IMG2IMG)
+        wiring.component(button, ui.SEND_TO_IMG2IMG)
+        before = len(_fns(demo))
+        dst = ui.build(True, _elem_id_for("img2img"))
+        wiring.tab_built("img2img", dst)
+    assert send_to_pairs(src.infotext_fields, dst.infotext_fields, src.paste_field_names) == ([], [])
+    added = [fn for fn in _fns(demo)[before:] if fn.fn is ui._same]
+    assert len(added) == 1
+    want = [f.key for f in S.FIELDS if f.kind != "image"]
+    ids = lambda blocks: [getattr(b, "elem_id", None) or demo.blocks[b].elem_id for b in blocks]  # noqa: E731
+    inputs = ids(added[0].inputs if hasattr(added[0], "inputs") else added[0].inputs_as_dict)
+    outputs = ids(added[0].outputs)
+    assert inputs == [_elem_id_for("txt2img")(k) for k in want]
+    assert outputs == [_elem_id_for("img2img")(k) for k in want]
+    assert ui._same(1) == 1 and ui._same(1, 2) == [1, 2]
 
 
 # --------------------------------------------------------------------------------------------

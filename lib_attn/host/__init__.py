@@ -96,12 +96,6 @@ def process(p: Any, args: tuple) -> None:
     p.extra_generation_params.update(settings.to_infotext())
 
 
-def infotext_pasted(infotext: str, params: dict) -> None:
-    """``script_callbacks.on_infotext_pasted``: complete the pasted entries so that every toolkit control is set
-    (absent or malformed entries as their defaults; see ``settings.pasted_params``)."""
-    params.update(S.pasted_params(params))
-
-
 def before_every_sampling(p: Any) -> None:
     session = sessions.get(p)
     if session is not None and session.error is None:

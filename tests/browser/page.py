@@ -14,7 +14,8 @@ tests run here and against a real WebUI:
   as ``call_queue.wrap_gradio_call`` does, and the page keeps working;
 * ↙ pastes the prompt box's text through the double's ``connect_paste`` (the WebUI's paste, with the
   ``infotext_pasted`` callbacks); "send to img2img" copies the controls named in ``paste_field_names`` from
-  txt2img to img2img (``connect_paste_params_buttons``) and selects the img2img tab (the image is not sent);
+  txt2img to img2img (``connect_paste_params_buttons``) and selects the img2img tab (the image is not sent); the
+  button is announced to the ``after_component`` callbacks when it is made, as the WebUI does for every component;
 * the head holds ``webui_shim.js`` (standing for the WebUI's ``script.js``: ``gradioApp``, ``onUiLoaded``,
   ``onAfterUiUpdate``), then every file of ``javascript/``, as the WebUI's ``ui_gradio_extensions`` does (inline
   here rather than by ``file=`` URL); ``style.css`` is the page's CSS, as the WebUI appends extension styles.
@@ -73,6 +74,8 @@ def build(host):
                             send = None
                             if not is_img2img:
                                 send = gr.Button("🖼️", elem_id="txt2img_send_to_img2img")
+                                # what the WebUI's patched component __init__ does for every component
+                                m.script_callbacks.after_component_callback(send, elem_id="txt2img_send_to_img2img")
                             info = gr.HTML(elem_id=f"html_info_{tab}", elem_classes="infotext")
                             log = gr.HTML(elem_id=f"html_log_{tab}")
                 paste_fields[tab] = [(prompt, "Prompt"), *runner.infotext_fields]

@@ -37,7 +37,7 @@ class AfterCFGCallbackParams:
 
 
 NAMES = ["app_started", "model_loaded", "ui_settings", "before_ui", "script_unloaded", "cfg_denoiser",
-         "cfg_denoised", "cfg_after_cfg", "infotext_pasted", "before_image_saved", "image_saved"]
+         "cfg_denoised", "cfg_after_cfg", "infotext_pasted", "before_image_saved", "image_saved", "after_component"]
 callback_map = {f"callbacks_{n}": [] for n in NAMES}
 
 
@@ -71,6 +71,15 @@ def cfg_after_cfg_callback(params): _run("cfg_after_cfg", params)
 def infotext_pasted_callback(infotext, params): _run("infotext_pasted", infotext, params)
 
 
+def after_component_callback(component, **kwargs):
+    """Called by the WebUI's patched gradio component ``__init__`` with the component and its constructor kwargs."""
+    for c in list(callback_map["callbacks_after_component"]):
+        try:
+            c.callback(component, **kwargs)
+        except Exception:
+            errors.report(f"Error executing callback after_component_callback for {c.script}", exc_info=True)
+
+
 def on_app_started(callback, *, name=None): add_callback(callback_map["callbacks_app_started"], callback, name)
 def on_model_loaded(callback, *, name=None): add_callback(callback_map["callbacks_model_loaded"], callback, name)
 def on_ui_settings(callback, *, name=None): add_callback(callback_map["callbacks_ui_settings"], callback, name)
@@ -80,6 +89,7 @@ def on_cfg_denoiser(callback, *, name=None): add_callback(callback_map["callback
 def on_cfg_denoised(callback, *, name=None): add_callback(callback_map["callbacks_cfg_denoised"], callback, name)
 def on_cfg_after_cfg(callback, *, name=None): add_callback(callback_map["callbacks_cfg_after_cfg"], callback, name)
 def on_infotext_pasted(callback, *, name=None): add_callback(callback_map["callbacks_infotext_pasted"], callback, name)
+def on_after_component(callback, *, name=None): add_callback(callback_map["callbacks_after_component"], callback, name)
 
 
 def remove_callbacks_for_function(callback_func):
