@@ -185,29 +185,21 @@ def pastable(field: Field) -> bool:
     return bool(field.infotext) and field.kind != "image"
 
 
-def pasted_params(params: Mapping[str, str]) -> dict[str, str]:
-    """What every pastable field's control takes when infotext ``params`` is pasted, as infotext text.
+def pasted_value(field: Field, params: Mapping[str, str]) -> Any:
+    """The value a pastable field's control takes when infotext ``params`` is pasted, judged on this field alone.
 
-    A section's entries as written; its ``enabled`` entry (never written: a section present is on) as
-    ``True``/``False``; each entry absent or malformed as the field's default, so that a control missing from the
-    infotext goes back to its default and one bad entry does not stop the rest from pasting.  :meth:`Field.parse`
-    reads each string back."""
-    out: dict[str, str] = {}
-    for f in FIELDS:
-        if not pastable(f):
-            continue
-        if f.name == "enabled":
-            on = any(g.infotext in params for g in fields_of(f.section) if g.name != "enabled")
-            out[f.infotext] = f.format(on)
-            continue
-        value = f.default
-        if f.infotext in params:
-            try:
-                value = f.parse(params[f.infotext])
-            except SettingsError:
-                value = f.default
-        out[f.infotext] = f.format(value)
-    return out
+    A section's ``enabled`` (never written: a section present is on) is whether any other entry of the section is
+    there; any other field takes its entry, or its default where the entry is absent or malformed, so that a
+    control missing from the infotext goes back to its default and one bad entry does not stop the rest from
+    pasting."""
+    if field.name == "enabled":
+        return any(g.infotext in params for g in fields_of(field.section) if g.name != "enabled")
+    if field.infotext in params:
+        try:
+            return field.parse(params[field.infotext])
+        except SettingsError:
+            pass
+    return field.default
 
 
 def fields_of(section: str) -> Iterable[Field]:

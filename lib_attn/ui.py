@@ -142,10 +142,10 @@ def make_component(f: S.Field, elem_id: str, info: str | None = None) -> Any:
 
 def _restorer(f: S.Field) -> Callable[[Mapping[str, str]], Any]:
     """The value this field's control takes when an infotext is pasted (its default when the entry is absent or
-    malformed; see ``settings.pasted_params``)."""
+    malformed; see ``settings.pasted_value``)."""
 
     def restore(params: Mapping[str, str]) -> Any:
-        return f.parse(S.pasted_params(params)[f.infotext])
+        return S.pasted_value(f, params)
 
     restore.__name__ = f"restore_{f.key}"
     return restore
