@@ -67,3 +67,23 @@ def send_to_pairs(source_fields, target_fields, paste_field_names: Sequence[str]
     inputs = [c for c, key in source_fields if isinstance(key, str) and key in names]
     outputs = [c for c, key in target_fields if isinstance(key, str) and key in names]
     return inputs, outputs
+
+
+def pasted_values(prompt, paste_fields) -> list:
+    """``connect_paste``'s ``paste_func`` without gradio, in the running double (``modules``): its
+    ``parse_generation_parameters`` and ``infotext_pasted`` callbacks; one value per paste field, or
+    :data:`UNCHANGED`."""
+    from modules import infotext_utils, script_callbacks
+
+    return paste(prompt, paste_fields, infotext_utils.parse_generation_parameters,
+                 script_callbacks.infotext_pasted_callback)
+
+
+def connect_paste(button, paste_fields, input_comp, override_settings_component=None, tabname=None) -> None:
+    """The ↙ button: ``button.click`` pastes ``input_comp``'s text into ``paste_fields`` (as the WebUI does)."""
+    import gradio as gr
+
+    def paste_func(prompt):
+        return [gr.update() if v is UNCHANGED else gr.update(value=v) for v in pasted_values(prompt, paste_fields)]
+
+    button.click(fn=paste_func, inputs=[input_comp], outputs=[c for c, _ in paste_fields], show_progress="hidden")
