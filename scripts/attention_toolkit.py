@@ -46,12 +46,10 @@ class AttentionToolkitScript(scripts.Script):
 
 
 def _after_component(component, **kwargs):
-    # the WebUI's "send to img2img" button, to copy the toolkit's controls too (lib_attn.ui.SendToImg2img)
-    elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
-    if elem_id == "txt2img_send_to_img2img":
-        from lib_attn import ui
+    # every component the WebUI makes; lib_attn.ui.SendToImg2img keeps the "send to img2img" button
+    from lib_attn import ui
 
-        ui.SEND_TO.component(component, elem_id)
+    ui.SEND_TO.component(component, kwargs.get("elem_id") or getattr(component, "elem_id", None))
 
 
 def _register_xyz(quiet=False):
