@@ -208,6 +208,12 @@ class Ui:
                 box.first.fill(str(value))
                 box.first.press("Tab")
 
+    def start(self, tab: str, prompt: str = "a red cube") -> None:
+        """The tab with its accordion open, a small generation (on a real WebUI) and a prompt."""
+        self.open_accordion(tab)
+        self.basics(tab)
+        self.prompt(tab, prompt)
+
     def prompt(self, tab: str, text: str) -> None:
         box = self.page.locator(f"#{tab}_prompt textarea")
         box.fill(text)
@@ -312,9 +318,7 @@ def test_sections_show_and_hide_with_their_switch_and_every_control_has_hover_he
 
 def test_generation_with_pag_writes_its_infotext_and_pasting_it_restores_every_control(ui):
     tab = "txt2img"
-    ui.open_accordion(tab)
-    ui.basics(tab)
-    ui.prompt(tab, "a red cube")
+    ui.start(tab)
     ui.enable(tab, "pag")
     ui.fill(tab, "pag_scale", 2.5)
     info, err = ui.generate(tab)
@@ -363,9 +367,7 @@ def test_generation_with_pag_writes_its_infotext_and_pasting_it_restores_every_c
 
 
 def test_send_to_img2img_fills_the_toolkit_controls(ui):
-    ui.open_accordion("txt2img")
-    ui.basics("txt2img")
-    ui.prompt("txt2img", "a red cube")
+    ui.start("txt2img")
     ui.enable("txt2img", "pag")
     ui.fill("txt2img", "pag_scale", 4.5)
     ui.fill("txt2img", "pag_layers", "middle, output.4")
@@ -383,9 +385,7 @@ def test_send_to_img2img_fills_the_toolkit_controls(ui):
 
 def test_reference_images_upload_and_generate(ui, tmp_path):
     # style reference (txt2img)
-    ui.open_accordion("txt2img")
-    ui.basics("txt2img")
-    ui.prompt("txt2img", "a red cube")
+    ui.start("txt2img")
     ui.enable("txt2img", "style")
     ui.upload("txt2img", "style_reference", photo(tmp_path / "style.png"))
     info, err = ui.generate("txt2img")
@@ -393,9 +393,7 @@ def test_reference_images_upload_and_generate(ui, tmp_path):
     assert S.FIELD_BY_KEY["style_strength"].infotext in info, info
 
     # reference colorization (img2img): a grayscale input, a colour reference
-    ui.open_accordion("img2img")
-    ui.basics("img2img")
-    ui.prompt("img2img", "a red cube")
+    ui.start("img2img")
     ui.page.locator("#img2img_image input[type=file]").first.set_input_files(str(photo(tmp_path / "g.png", gray=True)))
     ui.page.locator("#img2img_image img").first.wait_for(state="visible")
     ui.enable("img2img", "colorize")
@@ -407,9 +405,7 @@ def test_reference_images_upload_and_generate(ui, tmp_path):
 
 def test_a_bad_value_shows_its_message_and_the_page_keeps_working(ui):
     tab = "txt2img"
-    ui.open_accordion(tab)
-    ui.basics(tab)
-    ui.prompt(tab, "a red cube")
+    ui.start(tab)
     ui.enable(tab, "pag")
     ui.fill(tab, "pag_layers", "output.99")
     _, err = ui.generate(tab)
