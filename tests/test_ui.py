@@ -247,11 +247,8 @@ def test_send_to_img2img_copies_every_toolkit_control(gr, ui):
     added = [fn for fn in _fns(demo)[before:] if fn.fn is ui._same]
     assert len(added) == 1
     want = [f.key for f in S.FIELDS if f.kind != "image"]
-    ids = lambda blocks: [getattr(b, "elem_id", None) or demo.blocks[b].elem_id for b in blocks]  # noqa: E731
-    inputs = ids(added[0].inputs if hasattr(added[0], "inputs") else added[0].inputs_as_dict)
-    outputs = ids(added[0].outputs)
-    assert inputs == [_elem_id_for("txt2img")(k) for k in want]
-    assert outputs == [_elem_id_for("img2img")(k) for k in want]
+    assert [b.elem_id for b in added[0].inputs] == [_elem_id_for("txt2img")(k) for k in want]
+    assert [b.elem_id for b in added[0].outputs] == [_elem_id_for("img2img")(k) for k in want]
     assert ui._same(1) == 1 and ui._same(1, 2) == [1, 2]
 
 

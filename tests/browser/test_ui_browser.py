@@ -65,7 +65,7 @@ def site(request):
         return
     from tests.browser import page
     from tests.fakes.a1111_double import a1111_host
-    from tests.support.helpers import SCRIPT
+    from tests.support.helpers import SCRIPT, assert_no_leftovers
 
     with a1111_host("sd1") as h:
         h.load_script(SCRIPT)
@@ -75,6 +75,8 @@ def site(request):
             yield url, False
         finally:
             demo.close()
+        # every generation the page ran (a failed one included) left no patch, hook or callback behind
+        assert_no_leftovers(h)
 
 
 @pytest.fixture
