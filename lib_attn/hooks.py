@@ -33,7 +33,7 @@ class ForgeContext:
     services: Any
     fail: Callable[[Exception], None]
     calc: Callable[..., Any]  # calc_cond_uncond_batch(model, cond, uncond, x, sigma, model_options)
-    attention: Callable[[Tensor, Tensor, Tensor, int], Tensor]  # the host's attention function
+    attention: Callable[..., Tensor]  # the host's attention: (q, k, v, heads, extra_options=None)
     img2img: bool = False
     plan: Any = None  # the pass's PassPlan
     step: int = 0  # the host's sampling step (it lags: the first two CFG calls both see 0)

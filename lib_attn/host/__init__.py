@@ -1,5 +1,6 @@
 """The one place that knows which WebUI is running.  Only this package imports the host's
-``modules`` / ``backend`` / ``ldm_patched``; everything else in ``lib_attn`` is host-free."""
+``modules`` / ``backend`` / ``ldm_patched``; everything else in ``lib_attn`` is host-free.  Adapters: ``a1111.py``;
+``forge.py`` (Forge 2, Neo), ``reforge.py`` and ``classic.py``, which share ``forge_family.py``."""
 
 from __future__ import annotations
 
@@ -22,13 +23,24 @@ def _exists(name: str) -> bool:
         return False
 
 
+def _defines(module: str, name: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except Exception:
+        return False
+
+
 def detect() -> str:
-    """``"forge"`` for the WebUIs on Forge 2's ``backend/`` (Forge 2.x, Forge Neo, reForge's Forge-2-based branch);
-    ``"unsupported"`` for the other Forge lines (``modules_forge`` on the old ``ldm_patched`` backend: reForge,
-    Forge Classic, Forge before 2.0), whose patcher and CFG functions differ; else ``"a1111"``."""
+    """Which adapter runs here: ``"forge"`` for the WebUIs on Forge 2's ``backend/`` (Forge 2.x, Forge Neo, reForge's
+    Forge-2-based branch); on the old ``ldm_patched`` backend ``"reforge"`` where its sampler has ComfyUI's newer
+    ``calc_cond_batch`` (reForge ``main``/``dev``: pre-CFG functions after the model call) and ``"classic"`` where it
+    has not (Forge Classic, Forge 1.x); ``"unsupported"`` for a ``modules_forge`` WebUI with neither backend; else
+    ``"a1111"``."""
+    if _exists("ldm_patched.modules.samplers"):  # no WebUI has both backends
+        return "reforge" if _defines("ldm_patched.modules.samplers", "calc_cond_batch") else "classic"
     if _exists("backend.patcher"):
         return "forge"
-    if _exists("modules_forge") or _exists("ldm_patched"):
+    if _exists("modules_forge"):
         return "unsupported"
     return "a1111"
 
@@ -39,14 +51,15 @@ def host_name() -> str:
         version = str(importlib.import_module("modules_forge.forge_version").version)
     except Exception:
         version = ""
-    if _exists("backend.patcher"):
+    kind = detect()
+    if kind == "forge":
         return f"Forge {version}".strip()
-    if "RC" in version or _exists("ldm_patched.modules.patcher_extension"):
+    if kind == "reforge":
         return f"reForge {version}".strip()
-    if version == "classic":
-        return "Forge Classic"
-    if _exists("modules_forge") or _exists("ldm_patched"):
-        return f"Forge on the ldm_patched backend {version}".strip()
+    if kind == "classic":
+        return "Forge Classic" if version == "classic" else f"Forge {version} (ldm_patched)".strip()
+    if kind == "unsupported":
+        return f"Forge {version}".strip()
     return "AUTOMATIC1111"
 
 
@@ -57,8 +70,8 @@ def adapter() -> ModuleType:
         raise S.SettingsError(
             "host",
             "WebUI",
-            f"{host_name()} (the ldm_patched backend) is not supported yet; the toolkit runs on AUTOMATIC1111 1.9+ "
-            "and on the WebUIs with Forge 2's backend (Forge 2.x, Forge Neo); nothing was changed",
+            f"{host_name()} has neither Forge 2's backend nor the ldm_patched one; the toolkit runs on AUTOMATIC1111 "
+            "1.9+, Forge 2.x, Forge Neo, reForge and Forge Classic; nothing was changed",
         )
     return importlib.import_module(f"lib_attn.host.{kind}")
 

@@ -28,7 +28,10 @@ import torch
 from tests.support.harness import HarnessBase
 
 FORGE_ROOT = pathlib.Path(__file__).resolve().parent / "forge"
-HOST_PREFIXES = ("modules", "backend", "modules_forge", "scripts", "lib_attn.host")
+FORKS_ROOT = pathlib.Path(__file__).resolve().parent / "forks"
+HOST_PREFIXES = ("modules", "backend", "modules_forge", "ldm_patched", "scripts", "lib_attn.host")
+FLAVOURS = {"forge2": "2.0.1v1.10.1", "reforge": "1.0.0v2-v1.10.1RC", "classic": "classic"}
+"""The WebUIs on Forge's patcher that the double stands for, with their ``modules_forge.forge_version.version``."""
 CHECKPOINTS = {
     "sd1": "tiny-sd1.safetensors",
     "sd2": "tiny-sd2.safetensors",
@@ -289,15 +292,76 @@ def make_test_image(width: int, height: int):
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
+def _lib_attn_must_not_call(fn, what: str, flavour: str):
+    """``fn`` for the double's own callers; a call from the toolkit fails (``flavour`` has no ``what``)."""
+
+    def guarded(*args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("lib_attn"):
+            raise AssertionError(f"the toolkit called {what}, which {flavour} does not have")
+        return fn(*args, **kwargs)
+
+    return guarded
+
+
+def _apply_flavour(flavour: str) -> None:
+    """Turn the Forge 2 double into one of the WebUIs on the old ``ldm_patched`` backend, where they differ in ways the
+    toolkit meets (docs/forks.md): ``ldm_patched`` packages with the host's attention and sampler functions
+    (``tests/fakes/forks/<flavour>``), ``backend.*`` functions out of the toolkit's reach, one
+    ``process_before_every_sampling`` call in the hires pass, negative conds made at CFG 1 too, the patcher's CFG
+    setters, and for reForge its CFG step (pre-CFG functions after the model call, ``uncond=None`` for post-CFG
+    functions at CFG 1)."""
+    importlib.import_module("modules_forge.forge_version").version = FLAVOURS[flavour]
+    if flavour == "forge2":
+        return
+    sys.path.insert(0, str(FORKS_ROOT / flavour))
+    importlib.invalidate_caches()
+    fork_attention = importlib.import_module("ldm_patched.ldm.modules.attention")
+    samplers = importlib.import_module("ldm_patched.modules.samplers")
+    processing = importlib.import_module("modules.processing")
+    processing.HIRES_HOOK_TWICE = processing.NO_UC_AT_CFG_1 = False
+    unet = importlib.import_module("backend.nn.unet")
+    unet.attention = types.SimpleNamespace(
+        attention_function=lambda q, k, v, heads: fork_attention.optimized_attention(q, k, v, heads)
+    )
+    backend_attention = importlib.import_module("backend.attention")
+    backend_attention.attention_function = _lib_attn_must_not_call(
+        backend_attention.attention_function, "backend.attention.attention_function", flavour
+    )
+    sampling = importlib.import_module("backend.sampling.sampling_function")
+    sampling.calc_cond_uncond_batch = _lib_attn_must_not_call(
+        sampling.calc_cond_uncond_batch, "backend.sampling.sampling_function.calc_cond_uncond_batch", flavour
+    )
+    patcher = importlib.import_module("backend.patcher.base").ModelPatcher
+    if flavour == "classic":
+        del patcher.set_model_sampler_pre_cfg_function  # Classic's patcher has only add_sampler_pre_cfg_function
+    else:
+        sampling.INNER = samplers.sampling_function
+
+        def set_model_sampler_calc_cond_batch_function(self, fn):
+            self.model_options["sampler_calc_cond_batch_function"] = fn
+
+        patcher.set_model_sampler_calc_cond_batch_function = set_model_sampler_calc_cond_batch_function
+
+
 @contextlib.contextmanager
-def forge_host(kind: str = "sd1", *, opts: dict | None = None, inference_weights: bool = False, model_factory=None):
+def forge_host(
+    kind: str = "sd1",
+    *,
+    opts: dict | None = None,
+    inference_weights: bool = False,
+    model_factory=None,
+    flavour: str = "forge2",
+):
     """Enter the Forge 2.x double with a tiny ``kind`` model loaded ("sd1", "sd2", "sdxl" or "flux").
 
     ``opts``: values for ``shared.opts`` (e.g. ``{"skip_early_cond": 0.2}``); ``inference_weights``: make
     the UNet parameters inference tensors, as Forge's ``@torch.inference_mode`` loader does;
-    ``model_factory(kind, seed)``: replaces ``tests.support.tiny.make_sd_model``."""
+    ``model_factory(kind, seed)``: replaces ``tests.support.tiny.make_sd_model``; ``flavour``: "forge2", or the forks
+    on the ``ldm_patched`` backend, "reforge" and "classic" (see ``_apply_flavour``)."""
     if kind not in CHECKPOINTS:
         raise ValueError(f"kind must be one of {sorted(CHECKPOINTS)}")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {sorted(FLAVOURS)}")
     saved_path = list(sys.path)
     saved = _detach([n for n in list(sys.modules) if _is_host_module(n)])
     _load_k_diffusion()
@@ -310,6 +374,7 @@ def forge_host(kind: str = "sd1", *, opts: dict | None = None, inference_weights
         sd_models = importlib.import_module("modules.sd_models")
         importlib.import_module("modules.errors").reported.clear()
         importlib.import_module("modules.api.api")  # so that h.modules.api.api resolves
+        _apply_flavour(flavour)
         sd_models.inference_weights = inference_weights
         if model_factory is not None:
             sd_models.model_factory = model_factory

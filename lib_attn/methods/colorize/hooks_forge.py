@@ -125,4 +125,4 @@ class Hooks(ForgeHooks):
             q, v, feats.q_in, feats.k_in, feats.k_refg, feats.k_ref, feats.v_ref, heads, lp.gamma, lp.beta
         )
         s = self.ctx.plan.colorize.strength
-        return moved if s >= 1 else moved * s + self.ctx.attention(q, k, v, heads) * (1 - s)
+        return moved if s >= 1 else moved * s + self.ctx.attention(q, k, v, heads, extra_options) * (1 - s)

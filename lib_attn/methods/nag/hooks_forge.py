@@ -53,5 +53,5 @@ class Hooks(ForgeHooks):
             if flag == 0 and chunk == neg.shape[0]:
                 parts.append(nag_attention(q[rows], k[rows], v[rows], k_neg, v_neg, heads, self.ctx.plan.nag))
             else:
-                parts.append(self.ctx.attention(q[rows], k[rows], v[rows], heads))
+                parts.append(self.ctx.attention(q[rows], k[rows], v[rows], heads, extra_options))
         return torch.cat(parts)

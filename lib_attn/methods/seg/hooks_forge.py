@@ -19,6 +19,6 @@ class Hooks(PerturbedCall):
         def seg_patch(q: Any, k: Any, v: Any, extra_options: dict) -> Any:
             shape = extra_options["original_shape"]
             hw = token_grid(int(q.shape[1]), (int(shape[-2]), int(shape[-1])), field)
-            return attention(blur_queries(q, hw, plan.blur_sigma), k, v, int(extra_options["n_heads"]))
+            return attention(blur_queries(q, hw, plan.blur_sigma), k, v, int(extra_options["n_heads"]), extra_options)
 
         return seg_patch

@@ -45,6 +45,14 @@ opt_C = 4
 opt_f = 8
 
 
+NO_UC_AT_CFG_1 = True
+"""Forge 2 makes no negative-prompt conditioning at CFG 1; reForge and Forge Classic make it (their CFG step then
+drops it)."""
+HIRES_HOOK_TWICE = True
+"""Forge 2 calls ``process_before_every_sampling`` twice in the hires pass (before and after resetting
+``forge_objects``); reForge and Forge Classic call it once, after the reset (``tests.fakes.forge_env`` flavours)."""
+
+
 def create_binary_mask(image, round=True):
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
         image = image.split()[-1].convert("L")
@@ -438,7 +446,7 @@ class StableDiffusionProcessing:
         total_steps = sampler_config.total_steps(self.steps) if sampler_config else self.steps
         self.step_multiplier = total_steps // self.steps
         self.firstpass_steps = total_steps
-        if self.cfg_scale == 1:
+        if self.cfg_scale == 1 and NO_UC_AT_CFG_1:
             self.uc = None
             print("Skipping unconditional conditioning when CFG = 1. Negative Prompts are ignored.")
         else:
@@ -1003,7 +1011,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
 
         if self.scripts is not None:
             self.scripts.before_hr(self)
-            self.scripts.process_before_every_sampling(p=self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc)
+            if HIRES_HOOK_TWICE:
+                self.scripts.process_before_every_sampling(p=self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc)
 
         self.sd_model.forge_objects = self.sd_model.forge_objects_after_applying_lora.shallow_copy()
 

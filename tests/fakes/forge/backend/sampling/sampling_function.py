@@ -224,6 +224,11 @@ def sampling_function_inner(
     return cfg_result
 
 
+INNER = None
+"""The CFG step that ``sampling_function`` runs (default ``sampling_function_inner``); reForge's flavour of the double
+puts its ``ldm_patched.modules.samplers.sampling_function`` here."""
+
+
 def sampling_function(self, denoiser_params, cond_scale, cond_composition):
     unet_patcher = self.inner_model.inner_model.forge_objects.unet
     model = unet_patcher.model
@@ -250,7 +255,8 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition):
             model, x, timestep, uncond, cond, cond_scale, model_options, seed
         )
 
-    return sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, seed, return_full=True)
+    inner = INNER or sampling_function_inner
+    return inner(model, x, timestep, uncond, cond, cond_scale, model_options, seed, return_full=True)
 
 
 def sampling_prepare(unet, x):
