@@ -93,28 +93,30 @@ def _run(h, case: str | None, **override):
 
 
 @functools.cache
-def _results(flavour: str) -> dict:
-    """Every case on one host of ``flavour``: ``{(case, cfg): (samples, model calls)}`` and the plain run."""
+def _results(flavour: str, kind: str = "sd1") -> dict:
+    """Every case on one host of ``flavour`` with a ``kind`` model: ``{(case, cfg): (samples, model calls)}`` and the
+    plain run."""
     out = {}
-    with forge_host("sd1", flavour=flavour) as h:
+    with forge_host(kind, flavour=flavour) as h:
         h.load_script(SCRIPT)
         assert h.loaded_scripts[-1][1].host.detect() == {"forge2": "forge"}.get(flavour, flavour)
         out["plain"] = _run(h, None)
         for case in CASES:
             out[case, 5.0] = _run(h, case)
-        for case in CFG1 if flavour != "forge2" else ():
+        for case in CFG1 if flavour != "forge2" and kind == "sd1" else ():
             out[case, 1.0] = _run(h, case, cfg_scale=1.0)
     return out
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 @pytest.mark.parametrize("flavour", FORKS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_method_on_the_fork_equals_forge_2(flavour, case):
-    fork, forge2 = _results(flavour)[case, 5.0], _results("forge2")[case, 5.0]
+def test_every_method_on_the_fork_equals_forge_2(flavour, case, kind):
+    fork, forge2 = _results(flavour, kind)[case, 5.0], _results("forge2", kind)[case, 5.0]
     assert fork[1] == forge2[1]  # the same model calls, row for row (AG: the uncond rows stop at the same step)
     assert torch.allclose(fork[0], forge2[0], atol=1e-5, rtol=0), (fork[0] - forge2[0]).abs().max()
     if CASES[case][0] == "txt2img" and "enable_hr" not in CASES[case][2]:  # the method did something
-        plain = _results(flavour)["plain"]
+        plain = _results(flavour, kind)["plain"]
         assert fork[1] != plain[1] or (fork[0] - plain[0]).abs().max() > 1e-3
 
 

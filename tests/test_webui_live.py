@@ -88,6 +88,23 @@ def encode(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def xyz_args(axes: list[tuple[str, str]]) -> list:
+    """The X/Y/Z plot's txt2img script args for ``axes`` (``[(axis label, values)]`` for X, then Y and Z) in this
+    WebUI's order: its script-info defaults, the axes, "Draw legend" and "Include Sub Images" on (the WebUIs add
+    options: reForge has 21, A1111 18)."""
+    info = ok(call("/sdapi/v1/script-info"))
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = xyz["args"][0]["choices"]
+    args = [a.get("value") for a in xyz["args"]]
+    for i in range(3):
+        label, values = axes[i] if i < len(axes) else ("Nothing", "")
+        args[3 * i : 3 * i + 3] = [choices.index(label), values, []]
+    for i, a in enumerate(xyz["args"]):
+        if a["label"] in ("Draw legend", "Include Sub Images"):
+            args[i] = True
+    return args
+
+
 def test_script_is_listed_for_both_tabs():
     body = ok(call("/sdapi/v1/scripts"))
     assert TITLE.lower() in body["txt2img"] and TITLE.lower() in body["img2img"]
@@ -110,6 +127,29 @@ def test_off_is_identical_to_no_extension_and_pag_changes_the_image():
     text = infotext(pag)
     assert "PAG scale: 3" in text and "PAG layers: middle" in text, text
     assert np.abs(pixels(pag["images"][0]) - pixels(plain["images"][0])).max() > 0
+
+
+PAG_EXTENSION = "Perturbed-Attention Guidance"  # sd-perturbed-attention's script (Forge, reForge)
+# its 16 positional args: enabled, scale, rescale, rescale mode, adaptive scale, block, block id, block list, hires
+# override, hires CFG, hires scale, hires rescale, hires rescale mode, hires adaptive scale, sigma start, sigma end
+PAG_EXTENSION_ARGS = [True, 3.0, 0.0, "full", 0.0, "middle", 0, "", False, 7.0, 3.0, 0.0, "full", 0.0, -1.0, -1.0]
+
+
+def test_pag_equals_sd_perturbed_attention_where_it_is_installed():
+    """On a WebUI with sd-perturbed-attention installed (reForge's PAG; docs/forks.md), its PAG and ours give the same
+    pixels at the same settings: scale 3 on the middle block, no adaptive scale, rescale or sigma window."""
+    if PAG_EXTENSION.lower() not in ok(call("/sdapi/v1/scripts"))["txt2img"]:
+        pytest.skip("sd-perturbed-attention is not installed in this WebUI")
+    for kw in ({"sampler_name": "Euler"}, {"sampler_name": "DPM++ 2M", "batch_size": 2, "steps": 6}):
+        theirs = ok(
+            call("/sdapi/v1/txt2img", {**BASE, **kw, "alwayson_scripts": {PAG_EXTENSION: {"args": PAG_EXTENSION_ARGS}}})
+        )
+        ours = ok(txt2img([{"pag": {"scale": 3.0, "layers": "middle"}}], **kw))
+        plain = ok(txt2img(**kw))
+        assert len(theirs["images"]) == len(ours["images"]) == kw.get("batch_size", 1)
+        for a, b, c in zip(theirs["images"], ours["images"], plain["images"], strict=True):
+            assert np.array_equal(pixels(a), pixels(b)), np.abs(pixels(a) - pixels(b)).max()
+            assert np.abs(pixels(b) - pixels(c)).max() > 0
 
 
 def test_named_flat_and_positional_forms_agree():
@@ -177,11 +217,7 @@ def test_batch_and_repeat_give_the_same_result_as_a_fresh_call():
 
 def test_xyz_plot_axis():
     """X/Y/Z plot with ``[Attention] PAG scale`` as X axis: each cell equals the same settings run alone."""
-    info = ok(call("/sdapi/v1/script-info"))
-    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    axis = xyz["args"][0]["choices"].index("[Attention] PAG scale")
-    none = xyz["args"][0]["choices"].index("Nothing")
-    args = [axis, "0, 2.5", [], none, "", [], none, "", [], True, True, False, False, 0, 0, 0, 0, False]
+    args = xyz_args([("[Attention] PAG scale", "0, 2.5")])
     body = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args}))
     cells = [pixels(b) for b in body["images"][1:3]]  # [grid, cell 0, cell 1]
     plain = pixels(ok(txt2img())["images"][0])
@@ -205,10 +241,7 @@ def test_api_only_server_lists_and_runs_the_xyz_axes():
         ours = [c for c in xyz["args"][0]["choices"] if c.startswith(S.XYZ_PREFIX)]
         assert ours == [S.XYZ_PREFIX + f.infotext for f in S.FIELDS
                         if f.kind != "image" and tab in S.SECTION_TABS.get(f.section, (tab,))]
-    choices = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
-    none = choices.index("Nothing")
-    args = [choices.index("[Attention] PAG scale"), "1.5, 3", [], none, "", [], none, "", [], True, True, False, False,
-            0, 0, 0, 0, False]
+    args = xyz_args([("[Attention] PAG scale", "1.5, 3")])
     body = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args}))
     texts = json.loads(body["info"])["infotexts"]  # [grid, cell 0, cell 1]
     assert "PAG scale: 1.5" in texts[1] and "PAG scale: 3" in texts[2], texts
@@ -278,11 +311,7 @@ def test_style_reference():
     hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2,
               hr_additional_modules=["Use same choices"])
     assert "Style hires: same" in infotext(ok(txt2img([{"style": {**style, "hires": "same"}}], **hr)))
-    info = ok(call("/sdapi/v1/script-info"))
-    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    axis = xyz["args"][0]["choices"].index("[Attention] Style strength")
-    none = xyz["args"][0]["choices"].index("Nothing")
-    args = [axis, "0.05, 0.2", [], none, "", [], none, "", [], True, True, False, False, 0, 0, 0, 0, False]
+    args = xyz_args([("[Attention] Style strength", "0.05, 0.2")])
     grid = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args,
                                          "alwayson_scripts": {TITLE: {"args": [{"style": style}]}}}))
     for cell, strength in zip(grid["images"][1:3], (0.05, 0.2), strict=True):
@@ -484,10 +513,7 @@ def test_seg_sag_nag_alone_together_and_bad_input():
 def test_xyz_axes_of_seg_sag_nag():
     """``[Attention] SEG scale`` (X), ``SAG scale`` (Y) and ``NAG scale`` (Z) axes: each cell equals the same settings
     run alone through ``alwayson_scripts``."""
-    info = ok(call("/sdapi/v1/script-info"))
-    choices = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
-    args = [choices.index("[Attention] SEG scale"), "0, 3", [], choices.index("[Attention] SAG scale"), "0.5", [],
-            choices.index("[Attention] NAG scale"), "2", [], True, True, False, False, 0, 0, 0, 0, False]
+    args = xyz_args([("[Attention] SEG scale", "0, 3"), ("[Attention] SAG scale", "0.5"), ("[Attention] NAG scale", "2")])
     body = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args}))
     texts = json.loads(body["info"])["infotexts"]
     cells = [(pixels(b), t) for b, t in zip(body["images"][1:], texts[1:], strict=True)]  # [grid, cells]
@@ -549,10 +575,7 @@ def test_cfg_stage_methods_alone_together_and_bad_input():
 
 def test_xyz_axes_of_cfg_stage_methods():
     """``[Attention] APG momentum`` (X) and ``FDG low share`` (Y): each cell equals the same settings run alone."""
-    info = ok(call("/sdapi/v1/script-info"))
-    choices = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])["args"][0]["choices"]
-    args = [choices.index("[Attention] APG momentum"), "-0.5, 0", [], choices.index("[Attention] FDG low share"), "0.3",
-            [], 0, "", [], True, True, False, False, 0, 0, 0, 0, False]
+    args = xyz_args([("[Attention] APG momentum", "-0.5, 0"), ("[Attention] FDG low share", "0.3")])
     body = ok(call("/sdapi/v1/txt2img", {**BASE, "script_name": "x/y/z plot", "script_args": args}))
     texts = json.loads(body["info"])["infotexts"]
     cells = [(pixels(b), t) for b, t in zip(body["images"][1:], texts[1:], strict=True)]

@@ -144,6 +144,7 @@ class ForgeSession(Session):
         if self._watch_post_cfg and self._model_calls and not self._post_cfg_calls:
             self._watch_post_cfg = False
             sampler = getattr(self.p, "hr_sampler_name", None) if getattr(self.p, "is_hr_pass", False) else None
+            sampler = None if sampler in ("", "Use same sampler") else sampler
             self.fail(
                 SettingsError(
                     "sampler_name",
