@@ -82,6 +82,7 @@ EXAMPLE_ALL = {
     "edit_mask_batch_average": True,
     "edit_mask_show": False,
     "edit_mask_final": "inpaint",
+    "edit_mask_seeds": 3,
     "yoda_enabled": True,
     "yoda_source": "unet",
     "yoda_start_coverage": 0.4,

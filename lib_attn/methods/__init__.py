@@ -28,6 +28,7 @@ ORDER: tuple = (
     ag.METHOD,
     tpg.METHOD,
     swg.METHOD,
+    (edit_mask.METHOD, "seeds"),
 )
 
 METHODS: tuple[Method, ...] = tuple(dict.fromkeys(e if isinstance(e, Method) else e[0] for e in ORDER))

@@ -458,3 +458,213 @@ def test_no_maps_fails_loudly(monkeypatch):
         with pytest.raises(S.SettingsError, match=r"edit_mask\.layers.*no cross-attention map"):
             h.img2img(script_args=edit_args(), init_images=[init], **BASE)
         assert_no_leftovers(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# closer to the paper: bicubic map resizing, several noise draws (seeds)
+# ---------------------------------------------------------------------------------------------
+def pil_bicubic(m, out_hw):
+    """The official code's resize: ``PIL.Image.resize`` with its default (bicubic) filter, here on a float image."""
+    img = Image.fromarray(m.numpy().astype(np.float32), mode="F").resize(out_hw[::-1], Image.BICUBIC)
+    return torch.from_numpy(np.array(img))
+
+
+@pytest.mark.parametrize(("hw", "out"), [((16, 16), (64, 64)), ((10, 12), (80, 96)), ((5, 7), (11, 13)),
+                                         ((16, 16), (7, 9))])
+def test_bicubic_resize_is_the_official_pil_resize(hw, out):
+    m = torch.rand(hw, generator=torch.Generator().manual_seed(1))
+    ours = em.resize_bicubic(m, out)
+    assert torch.allclose(ours, pil_bicubic(m, out), atol=1e-6)
+    # PIL's kernel (a = -0.5, taps outside the image dropped) is not torch's (a = -0.75, border replicated)
+    torch_bicubic = F.interpolate(m[None, None], size=out, mode="bicubic", align_corners=False)[0, 0]
+    assert (ours - torch_bicubic).abs().max() > 1e-3
+    # it overshoots [0, 1] on sharp maps: token_maps clips, as the 8-bit image does
+    sharp = (torch.rand(hw, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    up = em.resize_bicubic(sharp, out)
+    assert up.min() < 0 or up.max() > 1
+
+
+def test_token_maps_follow_the_official_steps():
+    """Independently, as the official ``token_combination``: each map over its maximum, resized by PIL bicubic,
+    clipped to [0, 1] (its 8-bit image), the start token's inverted, every map min-max normalized."""
+    sums, _ = synthetic_maps("a fluffy cat, table")
+    mean = sums.mean()
+    groups = [g for _, g in words_of("a fluffy cat, table")]
+    words, bos = em.token_maps(mean, groups, (64, 64))
+    maps = [mean[0]] + [mean[g].mean(0) for g in groups]
+    ref = []
+    for i, m in enumerate(maps):
+        r = pil_bicubic(m / m.max(), (64, 64)).clamp(0, 1)
+        r = 1 - r if i == 0 else r
+        ref.append((r - r.min()) / (r.max() - r.min()))
+    assert torch.allclose(bos, ref[0], atol=1e-5)
+    assert torch.allclose(words, torch.stack(ref[1:]), atol=1e-5)
+    # the bilinear resize it replaced gives other maps
+    scaled = torch.stack(maps[1:]) / torch.stack(maps[1:]).amax((-2, -1), keepdim=True)
+    bilinear = F.interpolate(scaled[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    bilinear = (bilinear - bilinear.amin((-2, -1), keepdim=True)) / (
+        bilinear.amax((-2, -1), keepdim=True) - bilinear.amin((-2, -1), keepdim=True))
+    assert (words - bilinear).abs().max() > 1e-2
+
+
+def test_extra_draws_are_seeded_and_independent():
+    a = em.draw_noise([5, 6], (4, 3, 2), 3)
+    assert a.shape == (2, 2, 4, 3, 2)
+    assert torch.equal(a, em.draw_noise([5, 6], (4, 3, 2), 3))
+    assert torch.equal(a[:1], em.draw_noise([5, 6], (4, 3, 2), 2))  # draw k does not depend on how many
+    assert em.draw_noise([5], (4, 3, 2), 1).shape[0] == 0
+    flat = a.reshape(4, -1)
+    corr = torch.corrcoef(flat)
+    assert (corr - torch.eye(4)).abs().max() < 0.6  # four different draws
+    # never another image's seed: image 5's draw 1 is not the host's noise of image 6 (seed + 1)
+    host_noise = torch.randn((4, 3, 2), generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(a[0, 0], host_noise)
+
+
+def test_redrawn_inputs_swap_the_noise():
+    g = torch.Generator().manual_seed(3)
+    z0, n, draws = torch.randn(2, 4, 6, 5, generator=g), torch.randn(2, 4, 6, 5, generator=g), em.draw_noise([1, 2], (4, 6, 5), 3)
+    sigma = torch.tensor([2.0, 2.0]).view(-1, 1, 1, 1)
+    mask = torch.zeros(2, 1, 6, 5)
+    mask[..., 2:4, 1:3] = 1
+    edit = torch.randn(2, 4, 6, 5, generator=g)
+    x = em.blend(edit, z0 + sigma * n, mask)  # the step's input: the source (noised) outside the mask
+    rows = em.redrawn_inputs(x, z0 + sigma * n, torch.stack([z0 + sigma * d for d in draws]))
+    assert rows.shape == (4, 4, 6, 5)
+    for k in range(2):
+        for i in range(2):
+            r, out = rows[k * 2 + i], (mask[i] == 0).expand(4, 6, 5)
+            assert torch.allclose(r[out], (z0[i] + 2 * draws[k, i])[out], atol=1e-6)  # the official seed-k latent
+            inside = ~out
+            assert torch.allclose(r[inside], (x[i] + 2 * (draws[k, i] - n[i]))[inside], atol=1e-6)
+
+
+def test_seeds_average_the_maps_of_independent_draws():
+    """Feeding every draw's maps into one builder (as the hosts do, interleaved) gives the average of the per-draw
+    mean maps (each draw adds as many), and its mask is the one those averaged maps make."""
+    prompt = "a fluffy cat, table"
+    t = 77
+
+    def one_map(seed):
+        total = synthetic_maps(prompt, seed=seed, adds=1)[0].total  # (T, h, w) of one softmax
+        return total.reshape(t, -1).t()
+
+    draws = [[one_map(100 * k + step) for step in range(6)] for k in range(3)]
+    builder = em.MaskBuilder(em.EditMaskPlan(layers=(), grow=0, blur=0, seeds=3), words_of(prompt))
+    for step in range(6):
+        for k in range(3):
+            builder.sums.add(draws[k][step], (16, 16))
+    per_draw = []
+    for maps in draws:
+        s = em.MapSum()
+        for m in maps:
+            s.add(m, (16, 16))
+        per_draw.append(s.mean())
+    want = torch.stack(per_draw).mean(0)
+    assert torch.allclose(builder.sums.mean(), want, atol=1e-6)
+    groups = [g for _, g in words_of(prompt)]
+    words, bos = em.token_maps(want, groups, (32, 32))
+    roles = em.decide_roles(words, bos, 0.9, 0.6, [w for w, _ in words_of(prompt)])
+    assert torch.allclose(builder.mask((32, 32)), em.finish(em.mask_source(words, roles), 0.2, 0, 0))
+    # and it is not any single draw's mask
+    single = em.MaskBuilder(em.EditMaskPlan(layers=(), grow=0, blur=0), words_of(prompt))
+    for m in draws[0]:
+        single.sums.add(m, (16, 16))
+    assert not torch.equal(single.mask((32, 32)), builder.mask((32, 32)))
+
+
+def count_adds(monkeypatch):
+    from lib_attn.methods.edit_mask import run as edit_mask_io
+
+    adds = []
+    orig = edit_mask_io.EditMaskRun.add
+
+    def wrapped(self, image, probs, hw):
+        adds.append(image)
+        return orig(self, image, probs, hw)
+
+    monkeypatch.setattr(edit_mask_io.EditMaskRun, "add", wrapped)
+    return adds
+
+
+def test_a1111_seeds_ride_as_redrawn_rows(monkeypatch):
+    """Seeds 3: each step's call holds 2 more rows per image, the step's input with the noise swapped for draws 1
+    and 2 of the image's seed (outside the mask exactly the source noised with that draw), and every row's maps
+    count; Seeds 1 inserts nothing."""
+    import importlib
+
+    init = photo("cheetah1.jpg")
+    with a1111_host("sd1", dtype=torch.float64) as h:
+        h.load_script(SCRIPT)
+        hooks = importlib.import_module("lib_attn.methods.edit_mask.hooks_a1111").Hooks
+        seen = []
+        orig = hooks.rows
+
+        def rows(self, params, layout):
+            groups, capture = orig(self, params, layout)
+            run = self.run
+            seen.append(dict(groups=groups, mask=None if run.mask is None else run.mask.clone(), z0=run.z0,
+                             draws=run.draws, sigma=params.sigma[list(layout.first_cond)].clone()))
+            return groups, capture
+
+        monkeypatch.setattr(hooks, "rows", rows)
+        adds = count_adds(monkeypatch)
+        one = h.img2img(script_args=edit_args(blur=0, grow=0), init_images=[init], batch_size=2, **BASE)
+        n_one, seen_one = len(adds), list(seen)
+        adds.clear()
+        seen.clear()
+        three = h.img2img(script_args=edit_args(blur=0, grow=0, seeds=3), init_images=[init], batch_size=2, **BASE)
+        assert not h.errors
+        assert_no_leftovers(h)
+    assert seen_one and all(s["groups"] == [] for s in seen_one) and n_one > 0
+    assert len(adds) == 3 * n_one
+    want = em.draw_noise([BASE["seed"], BASE["seed"] + 1], seen[0]["z0"].shape[1:], 3).to(seen[0]["z0"])
+    assert torch.equal(seen[0]["draws"], want)
+    checked = 0
+    for st in seen:
+        ((name, src, given),) = st["groups"]
+        assert name == "edit_mask_seeds" and src == [0, 1, 0, 1]
+        x, z0, sigma = given["x"], st["z0"], st["sigma"]
+        assert x.shape[0] == 4 and torch.equal(given["sigma"], sigma.repeat(2))
+        for k in range(2):
+            for i in range(2):
+                out = torch.ones_like(z0[i], dtype=torch.bool) if st["mask"] is None else (
+                    st["mask"][i] == 0).expand_as(z0[i])
+                noised = z0[i] + want[k, i] * sigma[i]
+                assert out.any() and torch.allclose(x[2 * k + i][out], noised[out], atol=1e-9)
+                checked += 1
+    assert checked >= 8
+    assert len(three.images) == len(one.images) == 4
+
+
+def test_forge_seeds_run_extra_draw_calls(monkeypatch):
+    from tests.fakes.forge_env import forge_host
+
+    init = photo("cheetah1.jpg")
+    with forge_host("sd1") as h:
+        h.load_script(SCRIPT)
+        finals = record_finals(monkeypatch)
+        adds = count_adds(monkeypatch)
+        h.img2img(**BASE, init_images=[init], batch_size=2, script_args=edit_args(blur=0, grow=0))
+        n_one = len(adds)
+        adds.clear()
+        res = h.img2img(**BASE, init_images=[init], batch_size=2, script_args=edit_args(blur=0, grow=0, seeds=2))
+        assert h.callback_count() == 0
+    assert n_one > 0 and len(adds) == 2 * n_one
+    final, z0 = finals[-1]["mask"], finals[-1]["z0"]
+    out = (final == 0).expand_as(z0)
+    assert out.any() and torch.allclose(res.samples[out], z0[out], atol=1e-5)
+    assert "Edit mask seeds: 2" in res.infotexts[0]
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_seeds_with_timestep_samplers_and_pag(kind):
+    """The draws' rows ride along PAG's and work with DDIM's timestep noising (sqrt(a) z + sqrt(1 - a) noise)."""
+    init = photo("cheetah2.jpg")
+    args = S.defaults().with_values({"edit_mask_enabled": True, "edit_mask_seeds": 2, "pag_enabled": True}).to_args()
+    with a1111_host(kind) as h:
+        h.load_script(SCRIPT)
+        for sampler in ("Euler", "DDIM"):
+            res = h.img2img(script_args=args, init_images=[init], batch_size=2, **{**BASE, "sampler_name": sampler})
+            assert not h.errors and len(res.images) == 4
+        assert_no_leftovers(h)

@@ -123,6 +123,18 @@ FIELDS = (
     ),
     Field(
         NAME,
+        "seeds",
+        label="Seeds (noise draws)",
+        infotext="Edit mask seeds",
+        kind="int",
+        default=1,
+        minimum=1,
+        maximum=3,
+        step=1,
+        help="Average each image's maps over this many noise draws of its input (the paper's 3); each extra draw adds one conditional UNet row per image and step. 1: the sampler's own noise only.",
+    ),
+    Field(
+        NAME,
         "show",
         label="Return the mask",
         infotext="Edit mask show",
@@ -156,6 +168,7 @@ def plan(e: Any, ctx: PlanContext) -> core.EditMaskPlan | None:
             grow=round(e.grow / 8),
             blur=e.blur / 8,
             batch_average=e.batch_average,
+            seeds=e.seeds,
         )
 
 

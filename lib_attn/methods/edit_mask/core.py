@@ -6,8 +6,11 @@ are summed over the chosen low-resolution layers, their heads and the steps so f
 improves as steps go on).  At each step:
 
 1. **Per-token maps.** One map per word of the prompt (sub-word tokens of a word averaged), and the start
-   token's (BOS) map.  Each map is scaled by its maximum and resized to the latent size; the BOS map is
-   **inverted** (the start token soaks up attention in the background); then every map is min-max normalized.
+   token's (BOS) map.  Each map is scaled by its maximum and resized to the latent size **bicubically**, as
+   the official code's PIL ``resize`` does (:func:`resize_bicubic`; clipped to [0, 1] as its 8-bit image is);
+   the BOS map is **inverted** (the start token soaks up attention in the background); then every map is
+   min-max normalized.  With ``seeds`` > 1 the maps also average over that many noise draws of the input
+   (:func:`draw_noise`, :func:`redrawn_inputs`), as the paper's three seeds.
 2. **Index and refine (adaptive aggregation).** With one word, its map is the source.  Otherwise, decided
    once, at the first step: the *anchor* is the word whose map is most cosine-similar to the inverted BOS
    map; words with similarity to the anchor ``>= object_sim`` (0.9) are object words, ``<= other_sim``
@@ -68,6 +71,7 @@ class EditMaskPlan:
     grow: int = 1  # latent pixels
     blur: float = 0.5  # latent pixels (Gaussian sigma); 0 = hard mask
     batch_average: bool = False
+    seeds: int = 1  # noise draws the maps average over (1: the sampler's own rows only)
 
 
 def build_plan(
@@ -80,10 +84,11 @@ def build_plan(
     grow: int,
     blur: float,
     batch_average: bool,
+    seeds: int = 1,
 ) -> EditMaskPlan:
     sel = default_selector(available) if selector.strip().lower() in ("", DEFAULT_LAYERS) else selector
     layers = tuple(select(sel, available, attn="attn2"))
-    return EditMaskPlan(layers, threshold, object_sim, other_sim, grow, blur, batch_average)
+    return EditMaskPlan(layers, threshold, object_sim, other_sim, grow, blur, batch_average, max(1, int(seeds)))
 
 
 # ---- attention probabilities -----------------------------------------------------------------------
@@ -126,6 +131,37 @@ class MapSum:
         return None if self.total is None else self.total / self.count
 
 
+# ---- several noise draws (the paper's seeds) -----------------------------------------------------------
+# Draw k of an image comes from its seed mixed with k (golden-ratio step, mod 2^63): never the seed of another
+# image of the batch (seed + k would be, and the host draws that image's own noise from it).
+_SEED_STEP = 0x9E3779B97F4A7C15
+
+
+def draw_seed(seed: int, k: int) -> int:
+    """The generator seed of draw ``k`` (1, 2, ...) of an image whose generation seed is ``seed``."""
+    return (int(seed) + k * _SEED_STEP) % (1 << 63)
+
+
+def draw_noise(seeds: Sequence[int], shape: Sequence[int], draws: int) -> Tensor:
+    """``(draws - 1, B, *shape)`` standard normal noise, float32 on the CPU: the extra draws ``k = 1 .. draws-1`` of
+    each image (draw 0 is the sampler's own noise), each from a ``torch.Generator`` seeded with
+    :func:`draw_seed`, so the same seed gives the same draws on every machine and with any batch."""
+    out = torch.empty((max(draws - 1, 0), len(seeds), *shape))
+    for k in range(1, draws):
+        for i, s in enumerate(seeds):
+            out[k - 1, i] = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(draw_seed(s, k)))
+    return out
+
+
+def redrawn_inputs(x: Tensor, noised: Tensor, redrawn: Tensor) -> Tensor:
+    """The model inputs of the extra draws: ``x`` (B rows: the step's input, source kept outside the mask) with its
+    noise swapped, ``x + redrawn[k] - noised`` where ``noised`` is the source brought to this step's level with
+    the sampler's noise and ``redrawn[k]`` with draw k's.  Outside the mask that is exactly the source noised with
+    draw k (the official seed-k latent); inside, the edit in progress under draw k's noise.  Returns
+    ``((draws - 1) * B, ...)``, draw-major (row ``k * B + i``: image i)."""
+    return (x[None] + redrawn - noised[None]).reshape(-1, *x.shape[1:])
+
+
 # ---- prompt words ------------------------------------------------------------------------------------
 _EXTRA_NETWORK = re.compile(r"<[^>]*>")
 _WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?")
@@ -160,6 +196,47 @@ def word_groups(
 
 
 # ---- maps to mask --------------------------------------------------------------------------------------
+CUBIC_A = -0.5  # PIL's bicubic kernel (Keys, a = -0.5); torch's and OpenCV's use a = -0.75
+
+
+def _cubic(x: Tensor, a: float = CUBIC_A) -> Tensor:
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def bicubic_matrix(n_in: int, n_out: int) -> Tensor:
+    """``(n_out, n_in)`` weights of PIL's bicubic resampling along one axis (``ImagingResample``): pixel centres
+    at ``(i + 0.5) * n_in / n_out``, a support of 2 input pixels (widened by the scale when shrinking), taps
+    outside the image dropped and the rest renormalized to sum 1 (no border replication)."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        taps = torch.arange(lo, hi, dtype=torch.float64)
+        k = _cubic((taps - center + 0.5) / filterscale)
+        total = float(k.sum())
+        w[i, lo:hi] = k / total if total != 0 else k
+    return w
+
+
+def resize_bicubic(m: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    """Maps ``(..., h, w)`` resized to ``out_hw`` as the official code's ``PIL.Image.resize`` does (its default
+    filter for 8-bit images is bicubic): separable, rows then columns.  The result can overshoot the input's
+    range near edges (negative lobes); callers clip it as the 8-bit image is clipped."""
+    h, w = m.shape[-2:]
+    if (h, w) == tuple(out_hw):
+        return m
+    rows = bicubic_matrix(h, out_hw[0]).to(m.device, torch.float32)
+    cols = bicubic_matrix(w, out_hw[1]).to(m.device, torch.float32)
+    return rows @ m.float() @ cols.t()
+
+
 def _minmax(m: Tensor) -> Tensor:
     lo, hi = m.amin(dim=(-2, -1), keepdim=True), m.amax(dim=(-2, -1), keepdim=True)
     return (m - lo) / (hi - lo).clamp_min(1e-12)
@@ -170,7 +247,8 @@ def token_maps(mean_maps: Tensor, groups: Sequence[Sequence[int]], out_hw: tuple
     maps = [mean_maps[0]] + [mean_maps[list(g)].mean(dim=0) for g in groups]
     m = torch.stack(maps)
     m = m / m.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-    m = F.interpolate(m[None], size=out_hw, mode="bilinear", align_corners=False)[0]
+    # bicubic as the official code (PIL); its 8-bit image clips the overshoot, so [0, 1] here
+    m = resize_bicubic(m, out_hw).clamp(0, 1)
     m[0] = 1 - m[0]
     m = _minmax(m)
     return m[1:], m[0]

@@ -1,5 +1,7 @@
 """Automatic edit mask on A1111: wrappers on the mask layers' cross-attention record each image's first cond row;
-the model input (before any rows are inserted) and the prediction (after CFG) keep the source outside the mask."""
+the model input (before any rows are inserted) and the prediction (after CFG) keep the source outside the mask.
+With Seeds above 1, a row group of the extra noise draws (copies of each image's first cond row with the noise
+swapped) rides in the step's model call; their maps are recorded too, their output is not used."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from lib_attn.fields import SettingsError
 from lib_attn.hooks import A1111Hooks
 from lib_attn.methods.edit_mask import core as em
 from lib_attn.methods.edit_mask.run import token_counter
+from lib_attn.ops import grid_of
+
+GROUP = "edit_mask_seeds"  # the rows of the extra noise draws
 
 
 class Hooks(A1111Hooks):
@@ -62,8 +67,9 @@ class Hooks(A1111Hooks):
         if not run.started:
             prompts = run.prompts(getattr(den, "p", None) or ctx.p, layout.n_images)
             noise = ctx.noise_of(den, params.x[first], z0.to(params.x), params.sigma[first])
+            seeds = run.seeds(getattr(den, "p", None) or ctx.p, layout.n_images)
             try:
-                run.start(prompts, self.count_tokens, z0, noise)
+                run.start(prompts, self.count_tokens, z0, noise, seeds)
             except SettingsError as e:
                 ctx.fail(e)
                 self.on = False
@@ -72,6 +78,19 @@ class Hooks(A1111Hooks):
             ctx.keep_source_input(run, params, layout)
         return True
 
+    def rows(self, params: Any, layout: Any) -> tuple[list, list]:
+        """With Seeds above 1: each image's first cond row again per extra noise draw (its input with draw k's noise
+        instead of the sampler's), inserted in the step's call."""
+        run = self.run
+        if not self.on or not run.started or not run.extra_draws:
+            return [], []
+        first = list(layout.first_cond)
+        x, sigma = params.x[first], params.sigma[first]
+        z0 = run.z0.to(x)
+        rows = run.redrawn(x, lambda noise: self.ctx.noised(z0, noise, sigma))
+        k = run.extra_draws
+        return [(GROUP, list(range(layout.n_images)) * k, {"x": rows, "sigma": sigma.repeat(k)})], []
+
     def blend_prediction(self, denoised: Any) -> Any:
         if self.on and self.run.update(self.ctx.latent_hw) is not None:
             return self.run.blend_denoised(denoised())
@@ -79,7 +98,7 @@ class Hooks(A1111Hooks):
 
     def _attn2(self, module: Any, call_next: Any, *args: Any, **kwargs: Any) -> Any:
         """Cross-attention of the mask layers: the host's (optimized) attention gives the output; the probabilities
-        are computed again only for each image's first cond row in this call."""
+        are computed again only for each image's first cond row and the extra draws' rows in this call."""
         out = call_next(*args, **kwargs)
         ctx = self.ctx
         if ctx.st is None or ctx.call is None or not self.on or ctx.private:
@@ -90,12 +109,29 @@ class Hooks(A1111Hooks):
             ctx.fail(self.run.settings.FIELDS["layers"].error("the cross-attention call has no text context"))
             return out
         where = ctx.first_cond_rows(x, self.run.settings.FIELDS["layers"])
-        if where is None:
+        local = list(where[0]) if where is not None else []
+        hw = where[1] if where is not None else None
+        local += self._draw_rows(x)
+        if not local:
             return out
-        local, hw = where
+        if hw is None:
+            try:
+                hw = grid_of(int(x.shape[1]), ctx.latent_hw)
+            except ValueError as e:
+                ctx.fail(self.run.settings.FIELDS["layers"].error(f"{e} (Hypertile?)"))
+                return out
         rows = [j for _, j in local]
         with torch.no_grad():
             probs = em.cross_attention_probs(module, x[rows], context[rows])
         for (i, _), pr in zip(local, probs, strict=True):
             self.run.add(i, pr, hw)
         return out
+
+    def _draw_rows(self, x: Any) -> list[tuple[int, int]]:
+        """``(image, row in this call)`` of the extra draws' rows in the model call in progress."""
+        st, call = self.ctx.st, self.ctx.call
+        span = st.layout.group(GROUP)
+        if not len(span) or int(x.shape[0]) != call[1]:
+            return []
+        src = st.layout.sources(GROUP)
+        return [(src[g - span.start], g - call[0]) for g in span if call[0] <= g < call[0] + call[1]]

@@ -2,7 +2,8 @@
 
 * ``start`` (first step of a batch): the prompt words of each image (the host's own tokenizer gives each
   word's token positions), the source latent (img2img's init latent) and the noise the sampler started from.
-* ``add``: the cross-attention probabilities of one image's cond row at one layer.
+* ``add``: the cross-attention probabilities of one image's cond row at one layer (also the rows of the extra
+  noise draws, with *Seeds* above 1: ``redrawn`` gives their model inputs).
 * ``update``: after the step's model call, every image's instant mask from the maps so far.
 * ``blend_input`` / ``blend_denoised``: the source outside the mask, in the model input and in the prediction.
 * ``finish_batch`` / ``images``: the final masks, returned as extra output images.
@@ -65,6 +66,7 @@ class EditMaskRun:
         self.builders: list[em.MaskBuilder] | None = None
         self.z0: Tensor | None = None
         self.noise: Tensor | None = None
+        self.draws: Tensor | None = None  # (seeds - 1, B, C, h, w): the extra noise draws of each image
         self.mask: Tensor | None = None  # (B, 1, h, w) after the last step
         self.history: list[Tensor] = []  # the mask after each step (the model input of the next step used it)
 
@@ -82,8 +84,31 @@ class EditMaskRun:
         prompts = list(getattr(p, "prompts", None) or [])[:n_images]
         return prompts if len(prompts) == n_images else [str(getattr(p, "prompt", ""))] * n_images
 
-    def start(self, prompts: Sequence[str], count_tokens: Callable[[str], int], z0: Tensor, noise: Tensor) -> None:
-        """First step of a batch: words per image, the source latent and the sampler's starting noise."""
+    @staticmethod
+    def seeds(p: Any, n_images: int) -> list[int]:
+        """The generation seed of each image of the batch (the processing's ``seeds``, else its first seed + i)."""
+        seeds = [int(s) for s in list(getattr(p, "seeds", None) or [])[:n_images]]
+        if len(seeds) == n_images:
+            return seeds
+        first = getattr(p, "seed", None)
+        first = int(first) if isinstance(first, (int, float)) and first >= 0 else 0
+        return [first + i for i in range(n_images)]
+
+    @property
+    def extra_draws(self) -> int:
+        """Noise draws beyond the sampler's own at each step (Seeds - 1; 0 before the batch started)."""
+        return 0 if self.draws is None else int(self.draws.shape[0])
+
+    def start(
+        self,
+        prompts: Sequence[str],
+        count_tokens: Callable[[str], int],
+        z0: Tensor,
+        noise: Tensor,
+        seeds: Sequence[int] = (),
+    ) -> None:
+        """First step of a batch: words per image, the source latent, the sampler's starting noise and, with Seeds
+        above 1, the extra noise draws from each image's seed (``seeds``)."""
         plan = self.plan
         assert plan is not None
         forced = self.settings.word_list
@@ -111,6 +136,19 @@ class EditMaskRun:
         self.builders = builders
         self.z0 = z0.detach().clone()
         self.noise = noise.detach().clone()
+        self.draws = None
+        if plan.seeds > 1:
+            seeds = list(seeds) or [0] * len(prompts)
+            self.draws = em.draw_noise(seeds, tuple(z0.shape[1:]), plan.seeds).to(self.noise)
+
+    def redrawn(self, x: Tensor, noised: Callable[[Tensor], Tensor]) -> Tensor:
+        """The model inputs of the extra draws, ``(draws * B, ...)`` draw-major (row ``k * B + i``: image i), from
+        ``x`` (the step's B first-cond inputs after the blend) and ``noised(noise)`` (the source brought to this
+        step's level with that noise, per image)."""
+        assert self.draws is not None and self.noise is not None
+        base = noised(self.noise.to(x))
+        redrawn = torch.stack([noised(d.to(x)) for d in self.draws])
+        return em.redrawn_inputs(x, base, redrawn)
 
     def add(self, image: int, probs: Tensor, hw: tuple[int, int]) -> None:
         if self.builders is not None and image < len(self.builders):
