@@ -210,3 +210,34 @@ def test_a_model_without_a_unet_gets_the_message(flavour):
         with pytest.raises(S.SettingsError, match=r"Model \(model\): this model has no UNet attention layers"):
             h.txt2img(**BASE, script_args=[{"pag": {}}])
         h.txt2img(**BASE)
+
+
+@pytest.mark.parametrize("flavour", ["forge2", "reforge"])
+def test_another_extensions_model_function_wrapper_still_runs_and_no_block_patch_outlives_a_call(flavour, tmp_path):
+    """TPG swaps its blocks' forwards only inside the model-function wrapper (Forge Neo's object patches cannot hold a
+    function); a wrapper another extension set on the UNet runs inside the toolkit's, at every model call."""
+    path = tmp_path / "wrapper" / "scripts" / "wrapper.py"
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        "from modules import scripts\n"
+        "CALLS = []\n"
+        "class Wrapper(scripts.Script):\n"
+        "    sorting_priority = -100\n"
+        "    def title(self):\n        return 'Wrapper'\n"
+        "    def show(self, is_img2img):\n        return scripts.AlwaysVisible\n"
+        "    def process_before_every_sampling(self, p, *args, **kwargs):\n"
+        "        unet = p.sd_model.forge_objects.unet.clone()\n"
+        "        def wrap(apply_model, args):\n"
+        "            CALLS.append(args['input'].shape[0])\n"
+        "            return apply_model(args['input'], args['timestep'], **args['c'])\n"
+        "        unet.set_model_unet_function_wrapper(wrap)\n"
+        "        p.sd_model.forge_objects.unet = unet\n"
+    )
+    with forge_host("sd1", flavour=flavour) as h:
+        wrapper = h.load_script(path)
+        h.load_script(SCRIPT)
+        h.txt2img(**BASE, args_by_title={S.TITLE: [{"tpg": {}}]})
+        assert len(wrapper.CALLS) == len(h.unet_calls) > BASE["steps"]
+        unet = h.sd_model.forge_objects_after_applying_lora.unet.model.diffusion_model
+        assert not [n for n, m in unet.named_modules() if "forward" in m.__dict__]
+        assert h.callback_count() == 0

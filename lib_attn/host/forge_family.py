@@ -89,6 +89,8 @@ class ForgeSession(Session):
         self._attn: dict[str, dict[tuple, list]] = {"attn1": {}, "attn2": {}}  # key -> hooks patching it
         self._observers: dict[tuple, list] = {}
         self._wrappers: list = []
+        self._block_inputs: dict = {}  # transformer block -> functions changing its input
+        self._inner_wrapper: Any = None  # another extension's model-function wrapper
         self._strength = 1.0  # the step's sum of AND weights (Forge multiplies c - u by it)
         self._skipped = False  # the CFG stage skipped the step's uncond pass
         self.step_uncond: Any = None  # the step's negative conds as the CFG denoiser had them (a backend may note them)
@@ -208,11 +210,12 @@ class ForgeSession(Session):
                 self._wrappers.append(wants["unet_wrapper"])
             for path, fn in wants.get("block_input", {}).items():
                 block_inputs.setdefault(path, []).append(fn)
-        if self._wrappers:
+        # block inputs: the blocks' forwards are swapped only while the model runs, inside the model-function
+        # wrapper (Forge Neo's object patches cannot hold a function); another extension's wrapper runs innermost
+        self._block_inputs = {unet_module.get_submodule(path): fns for path, fns in block_inputs.items()}
+        if self._wrappers or self._block_inputs:
+            self._inner_wrapper = clone.model_options.get("model_function_wrapper")
             clone.set_model_unet_function_wrapper(self._unet_wrapper)
-        for path, fns in block_inputs.items():
-            block = unet_module.get_submodule(path)
-            clone.add_object_patch(f"diffusion_model.{path}.forward", _block_input_forward(block, fns))
         for key in self._attn["attn1"]:
             clone.set_model_patch_replace(self._attn1_patch, "attn1", key[0], key[1], key[2])
         for key in self._attn["attn2"]:
@@ -255,7 +258,10 @@ class ForgeSession(Session):
 
         def run(i: int, args: dict) -> Any:
             if i == len(self._wrappers):
-                return apply_model(args["input"], args["timestep"], **args["c"])
+                with _block_forwards(self._block_inputs):
+                    if self._inner_wrapper is not None:
+                        return self._inner_wrapper(apply_model, args)
+                    return apply_model(args["input"], args["timestep"], **args["c"])
             return self._wrappers[i](lambda x, t, **c: run(i + 1, {**args, "input": x, "timestep": t, "c": c}), args)
 
         return run(0, args)
@@ -276,6 +282,18 @@ class ForgeSession(Session):
             if out is not None:
                 return out
         return self.backend.attention(q, k, v, int(extra_options["n_heads"]), extra_options)
+
+
+@contextlib.contextmanager
+def _block_forwards(block_inputs: dict):
+    """Each block's ``forward`` replaced on the instance for one model call, always put back."""
+    try:
+        for block, fns in block_inputs.items():
+            block.forward = _block_input_forward(block, fns)
+        yield
+    finally:
+        for block in block_inputs:
+            block.__dict__.pop("forward", None)
 
 
 def _block_input_forward(block: Any, fns: list) -> Any:
