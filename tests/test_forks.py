@@ -6,6 +6,7 @@ cope."""
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import pytest
 import torch
@@ -136,23 +137,34 @@ def test_ag_drops_the_uncond_rows_on_every_fork():
     assert with_uncond[0] and not with_uncond[-1], calls
 
 
+def other_extension(tmp_path, name: str, priority: int, body: str, head: str = "") -> pathlib.Path:
+    """Another extension's AlwaysOn script ``<name>`` (``sorting_priority`` ``priority``; lower runs first), whose
+    ``process_before_every_sampling(self, p, ...)`` body is ``body`` (indented 8); ``head`` goes above the class."""
+    path = tmp_path / name.lower() / "scripts" / f"{name.lower()}.py"
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        f"from modules import scripts\n{head}"
+        f"class {name}(scripts.Script):\n"
+        f"    sorting_priority = {priority}\n"
+        "    on = True\n"
+        f"    def title(self):\n        return '{name}'\n"
+        "    def show(self, is_img2img):\n        return scripts.AlwaysVisible\n"
+        "    def process_before_every_sampling(self, p, *args, **kwargs):\n" + body
+    )
+    return path
+
+
 @pytest.mark.parametrize("flavour", FORKS)
 def test_a_sampler_that_drops_the_post_cfg_functions_fails_with_its_name(flavour, tmp_path):
     """reForge's CFG++ samplers replace the UNet's post-CFG list with their own; here another script does the same
     after the toolkit patched the clone.  The generation fails naming the sampler; the next one works."""
-    path = tmp_path / "dropper" / "scripts" / "dropper.py"
-    path.parent.mkdir(parents=True)
-    path.write_text(
-        "from modules import scripts\n"
-        "class Dropper(scripts.Script):\n"
-        "    sorting_priority = 100\n"
-        "    on = False\n"
-        "    def title(self):\n        return 'Dropper'\n"
-        "    def show(self, is_img2img):\n        return scripts.AlwaysVisible\n"
-        "    def process_before_every_sampling(self, p, *args, **kwargs):\n"
+    path = other_extension(
+        tmp_path,
+        "Dropper",
+        100,
         "        if Dropper.on:\n"
         "            unet = p.sd_model.forge_objects.unet\n"
-        "            unet.model_options['sampler_post_cfg_function'] = [lambda args: args['denoised']]\n"
+        "            unet.model_options['sampler_post_cfg_function'] = [lambda args: args['denoised']]\n",
     )
     with forge_host("sd1", flavour=flavour) as h:
         h.load_script(SCRIPT)
@@ -168,16 +180,10 @@ def test_a_sampler_that_drops_the_post_cfg_functions_fails_with_its_name(flavour
 def test_reforge_chains_another_extensions_calc_cond_batch_function(tmp_path):
     """reForge's single ``sampler_calc_cond_batch_function`` slot: a function another extension put there still runs
     (with the conds the toolkit passes on)."""
-    path = tmp_path / "batcher" / "scripts" / "batcher.py"
-    path.parent.mkdir(parents=True)
-    path.write_text(
-        "from modules import scripts\n"
-        "CALLS = []\n"
-        "class Batcher(scripts.Script):\n"
-        "    sorting_priority = -100\n"
-        "    def title(self):\n        return 'Batcher'\n"
-        "    def show(self, is_img2img):\n        return scripts.AlwaysVisible\n"
-        "    def process_before_every_sampling(self, p, *args, **kwargs):\n"
+    path = other_extension(
+        tmp_path,
+        "Batcher",
+        -100,
         "        from ldm_patched.modules.samplers import calc_cond_batch\n"
         "        unet = p.sd_model.forge_objects.unet.clone()\n"
         "        def fn(args):\n"
@@ -185,7 +191,8 @@ def test_reforge_chains_another_extensions_calc_cond_batch_function(tmp_path):
         "            return calc_cond_batch(args['model'], args['conds'], args['input'], args['sigma'], "
         "args['model_options'])\n"
         "        unet.set_model_sampler_calc_cond_batch_function(fn)\n"
-        "        p.sd_model.forge_objects.unet = unet\n"
+        "        p.sd_model.forge_objects.unet = unet\n",
+        head="CALLS = []\n",
     )
     with forge_host("sd1", flavour="reforge") as h:
         batcher = h.load_script(path)
@@ -216,28 +223,32 @@ def test_a_model_without_a_unet_gets_the_message(flavour):
 def test_another_extensions_model_function_wrapper_still_runs_and_no_block_patch_outlives_a_call(flavour, tmp_path):
     """TPG swaps its blocks' forwards only inside the model-function wrapper (Forge Neo's object patches cannot hold a
     function); a wrapper another extension set on the UNet runs inside the toolkit's, at every model call."""
-    path = tmp_path / "wrapper" / "scripts" / "wrapper.py"
-    path.parent.mkdir(parents=True)
-    path.write_text(
-        "from modules import scripts\n"
-        "CALLS = []\n"
-        "class Wrapper(scripts.Script):\n"
-        "    sorting_priority = -100\n"
-        "    def title(self):\n        return 'Wrapper'\n"
-        "    def show(self, is_img2img):\n        return scripts.AlwaysVisible\n"
-        "    def process_before_every_sampling(self, p, *args, **kwargs):\n"
+    path = other_extension(
+        tmp_path,
+        "Wrapper",
+        -100,
         "        unet = p.sd_model.forge_objects.unet.clone()\n"
         "        def wrap(apply_model, args):\n"
         "            CALLS.append(args['input'].shape[0])\n"
+        "            if Wrapper.fail_at == len(CALLS):\n"
+        "                raise RuntimeError('injected')\n"
         "            return apply_model(args['input'], args['timestep'], **args['c'])\n"
         "        unet.set_model_unet_function_wrapper(wrap)\n"
-        "        p.sd_model.forge_objects.unet = unet\n"
+        "        p.sd_model.forge_objects.unet = unet\n",
+        head="CALLS = []\n",
     )
     with forge_host("sd1", flavour=flavour) as h:
         wrapper = h.load_script(path)
+        wrapper.Wrapper.fail_at = 0
         h.load_script(SCRIPT)
         h.txt2img(**BASE, args_by_title={S.TITLE: [{"tpg": {}}]})
         assert len(wrapper.CALLS) == len(h.unet_calls) > BASE["steps"]
         unet = h.sd_model.forge_objects_after_applying_lora.unet.model.diffusion_model
+        assert not [n for n, m in unet.named_modules() if "forward" in m.__dict__]
+        assert h.callback_count() == 0
+        wrapper.CALLS.clear()
+        wrapper.Wrapper.fail_at = 2  # an exception inside a model call, with the blocks' forwards swapped
+        with pytest.raises(RuntimeError, match="injected"):
+            h.txt2img(**BASE, args_by_title={S.TITLE: [{"tpg": {}}]})
         assert not [n for n, m in unet.named_modules() if "forward" in m.__dict__]
         assert h.callback_count() == 0

@@ -297,8 +297,8 @@ def _block_forwards(block_inputs: dict):
 
 
 def _block_input_forward(block: Any, fns: list) -> Any:
-    """An object patch of a transformer block's ``forward``: ``fn(x, transformer_options)`` of each method changes
-    the block's input first."""
+    """A transformer block's ``forward`` for one model call (see ``_block_forwards``): ``fn(x, transformer_options)``
+    of each method changes the block's input first."""
     forward = type(block).forward
 
     def patched(x: Any, context: Any = None, transformer_options: Any = None, **kw: Any) -> Any:

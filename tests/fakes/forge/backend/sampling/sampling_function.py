@@ -163,6 +163,37 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     return out_cond / out_count, out_uncond / out_uncond_count
 
 
+def sampler_cfg_args(model, x, timestep, cond_pred, uncond_pred, cond_scale, model_options):
+    """The ``sampler_cfg_function`` arguments (``"uncond"`` is None where there is no ``uncond_pred``: reForge)."""
+    return {
+        "cond": x - cond_pred,
+        "uncond": None if uncond_pred is None else x - uncond_pred,
+        "cond_scale": cond_scale,
+        "timestep": timestep,
+        "input": x,
+        "sigma": timestep,
+        "cond_denoised": cond_pred,
+        "uncond_denoised": uncond_pred,
+        "model": model,
+        "model_options": model_options,
+    }
+
+
+def post_cfg_args(model, x, timestep, cond, uncond, cond_pred, uncond_pred, denoised, model_options):
+    """A ``sampler_post_cfg_function``'s arguments."""
+    return {
+        "denoised": denoised,
+        "cond": cond,
+        "uncond": uncond,
+        "model": model,
+        "uncond_denoised": uncond_pred,
+        "cond_denoised": cond_pred,
+        "sigma": timestep,
+        "model_options": model_options,
+        "input": x,
+    }
+
+
 def sampling_function_inner(
     model,
     x,
@@ -187,18 +218,7 @@ def sampling_function_inner(
     cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
 
     if "sampler_cfg_function" in model_options:
-        args = {
-            "cond": x - cond_pred,
-            "uncond": x - uncond_pred,
-            "cond_scale": cond_scale,
-            "timestep": timestep,
-            "input": x,
-            "sigma": timestep,
-            "cond_denoised": cond_pred,
-            "uncond_denoised": uncond_pred,
-            "model": model,
-            "model_options": model_options,
-        }
+        args = sampler_cfg_args(model, x, timestep, cond_pred, uncond_pred, cond_scale, model_options)
         cfg_result = x - model_options["sampler_cfg_function"](args)
     elif not math.isclose(edit_strength, 1.0):
         cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength
@@ -206,18 +226,9 @@ def sampling_function_inner(
         cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
 
     for fn in model_options.get("sampler_post_cfg_function", []):
-        args = {
-            "denoised": cfg_result,
-            "cond": cond,
-            "uncond": uncond,
-            "model": model,
-            "uncond_denoised": uncond_pred,
-            "cond_denoised": cond_pred,
-            "sigma": timestep,
-            "model_options": model_options,
-            "input": x,
-        }
-        cfg_result = fn(args)
+        cfg_result = fn(
+            post_cfg_args(model, x, timestep, cond, uncond, cond_pred, uncond_pred, cfg_result, model_options)
+        )
 
     if return_full:
         return cfg_result, cond_pred, uncond_pred

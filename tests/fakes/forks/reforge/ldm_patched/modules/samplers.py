@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from backend.sampling.sampling_function import calc_cond_uncond_batch as _batched
+from backend.sampling.sampling_function import post_cfg_args, sampler_cfg_args
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options):
@@ -34,18 +35,7 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
 def cfg_function(model, cond_pred, uncond_pred, cond_scale, x, timestep, model_options, cond=None, uncond=None):
     strength = sum(item.get("strength", 1) for item in cond)
     if "sampler_cfg_function" in model_options:
-        args = {
-            "cond": x - cond_pred,
-            "uncond": None if uncond_pred is None else x - uncond_pred,
-            "cond_scale": cond_scale,
-            "timestep": timestep,
-            "input": x,
-            "sigma": timestep,
-            "cond_denoised": cond_pred,
-            "uncond_denoised": uncond_pred,
-            "model": model,
-            "model_options": model_options,
-        }
+        args = sampler_cfg_args(model, x, timestep, cond_pred, uncond_pred, cond_scale, model_options)
         result = x - model_options["sampler_cfg_function"](args)
     elif uncond_pred is None:
         result = cond_pred
@@ -53,19 +43,8 @@ def cfg_function(model, cond_pred, uncond_pred, cond_scale, x, timestep, model_o
         scale = cond_scale if math.isclose(strength, 1.0) else cond_scale * strength
         result = uncond_pred + (cond_pred - uncond_pred) * scale
     for fn in model_options.get("sampler_post_cfg_function", []):
-        args = {
-            "denoised": result,
-            "cond": cond,
-            "uncond": uncond,
-            "cond_scale": cond_scale,
-            "model": model,
-            "uncond_denoised": uncond_pred,
-            "cond_denoised": cond_pred,
-            "sigma": timestep,
-            "model_options": model_options,
-            "input": x,
-        }
-        result = fn(args)
+        args = post_cfg_args(model, x, timestep, cond, uncond, cond_pred, uncond_pred, result, model_options)
+        result = fn({**args, "cond_scale": cond_scale})
     return result
 
 
