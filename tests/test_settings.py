@@ -46,7 +46,9 @@ EXAMPLE_ALL = {
     "style_temperature": 1.5,
     "style_checkpointing": "on",
     "style_hires": "own",
-    "style_hires_strength": 0.01,
+    "style_hires_strength": 0.02,
+    "style_adain_mode": "denoised",
+    "style_pairing": "each",
     "seg_enabled": True,
     "seg_scale": 2.5,
     "seg_blur_sigma": 4.0,
@@ -132,7 +134,7 @@ EXAMPLE_ALL = {
 
 def test_positional_order_never_moves():
     """The positional API order is append-only: every recorded entry keeps its index (tests/golden/positional.json:
-    the first 53 written from the table before the methods moved into their folders, then SEG, SAG and NAG appended);
+    the first 53 written from the table before the methods moved into their folders, then each later field appended);
     new fields only come after them."""
     import json
     import pathlib

@@ -158,6 +158,13 @@ class A1111Context:
             return den.inner_model.get_scalings(sigma)[-1].view(-1, 1, 1, 1).to(like)
         return 1.0
 
+    def k_sigma(self, den: Any, sigma: torch.Tensor) -> torch.Tensor:
+        """The k-diffusion noise level of a step (the timestep samplers pass a timestep: ``sqrt((1 - a) / a)``)."""
+        if self.is_kdiffusion(den):
+            return sigma.float()
+        a = self._alpha(den, sigma, sigma.float()).flatten()
+        return ((1 - a) / a).sqrt()
+
     def x_per_denoised(self, den: Any, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
         """How much the model input moves per unit of the x0 prediction at a fixed noise: 1 for k-diffusion,
         ``sqrt(a)`` for the timestep samplers."""

@@ -29,6 +29,8 @@ ORDER: tuple = (
     tpg.METHOD,
     swg.METHOD,
     (edit_mask.METHOD, "seeds"),
+    (style.METHOD, "adain_mode"),
+    (style.METHOD, "pairing"),
 )
 
 METHODS: tuple[Method, ...] = tuple(dict.fromkeys(e if isinstance(e, Method) else e[0] for e in ORDER))

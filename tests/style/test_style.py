@@ -20,7 +20,6 @@ from tests.fakes.a1111_double import a1111_host
 from tests.fakes.forge_env import forge_host
 from tests.support.helpers import SCRIPT, assert_no_leftovers
 from tests.support.images import photo, small
-from tests.support.tiny import install_size_fix, make_unet
 
 BASE = dict(prompt="a red cube", negative_prompt="", seed=11, steps=6, cfg_scale=5.0, width=96, height=80,
             sampler_name="Euler")
@@ -63,14 +62,6 @@ def test_ad_loss_equals_the_formula(tau):
     assert (o - explicit_attention(q, k, v, h)).abs().max() < 1e-12
     got = style.ad_loss(o, q, k_ref, v_ref, h, tau)
     assert abs(float(got) - float(explicit_ad_loss(q, k, v, k_ref, v_ref, h, tau))) < 1e-10
-
-
-@pytest.fixture(scope="module")
-def unet64():
-    install_size_fix()
-    unet = make_unet("sd1", seed=4).double().eval().requires_grad_(False)
-    unet.dtype = torch.float64  # ldm casts its input to unet.dtype
-    return unet
 
 
 def _unet_inputs(seed=0, rows=1):
@@ -317,7 +308,7 @@ def test_adain_matches_the_reference_statistics():
     ref = photo("lion.jpg")
     with a1111_host("sd1", dtype=torch.float64) as h:
         h.load_script(SCRIPT)
-        out = h.txt2img(**BASE, script_args=style_args(ref, strength=1e-6, adain=True)).samples
+        out = h.txt2img(**BASE, script_args=style_args(ref, strength=1e-6, adain=True, adain_mode="denoised")).samples
         model = h.modules.shared.sd_model
         img = ref.resize((96, 80), Image.Resampling.LANCZOS)
         z_ref = model.get_first_stage_encoding(model.encode_first_stage(
@@ -331,7 +322,7 @@ def test_batch_rows_do_not_mix_references():
     kw = dict(BASE, steps=4)
     with a1111_host("sd1", dtype=torch.float64) as h:
         h.load_script(SCRIPT)
-        both = h.txt2img(**kw, batch_size=2, script_args=style_args(refs)).samples
+        both = h.txt2img(**kw, batch_size=2, script_args=style_args(refs, pairing="each")).samples
         first = h.txt2img(**kw, script_args=style_args(refs[0])).samples
         second = h.txt2img(**{**kw, "seed": kw["seed"] + 1}, script_args=style_args(refs[1])).samples
         assert_no_leftovers(h)
@@ -579,3 +570,78 @@ def test_forge_refuses_checkpointing_on_by_name_before_sampling():
             h.txt2img(**{**BASE, "steps": 2, **hr}, script_args=hires_only)
         assert h.unet_calls == []
         assert h.callback_count() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's options: AdaIN on the noisy latent, several style images attended together
+# ---------------------------------------------------------------------------------------------
+def test_several_style_images_are_attended_together():
+    """ref_of (0, 1): the queries read the two references' keys and values concatenated along the tokens (the
+    official code's several style images), against an explicit computation."""
+    g = torch.Generator().manual_seed(3)
+    b, n, m, c, h = 2, 6, 5, 8, 2
+    q, k, v = (torch.randn(b, n, c, generator=g, dtype=torch.float64) for _ in range(3))
+    refs = {r: (torch.randn(m, c, generator=g, dtype=torch.float64), torch.randn(m, c, generator=g,
+                                                                                dtype=torch.float64)) for r in (0, 1)}
+    rec = style.Recorder()
+    rec.refs = {"layer": refs}
+    rec.mode, rec.ref_of = "guided", [(0, 1), (1, 0)]
+    rec.attend("layer", q, k, v, h)
+    got = float(rec.loss())
+    both = (torch.cat([refs[0][0], refs[1][0]]), torch.cat([refs[0][1], refs[1][1]]))
+    want = float(explicit_ad_loss(q, k, v, both[0].expand(b, -1, -1), both[1].expand(b, -1, -1), h, 1.0))
+    assert abs(got - want) < 1e-10
+    # and not what one reference alone gives
+    alone = float(explicit_ad_loss(q[:1], k[:1], v[:1], refs[0][0][None], refs[0][1][None], h, 1.0)
+                  + explicit_ad_loss(q[1:], k[1:], v[1:], refs[1][0][None], refs[1][1][None], h, 1.0))
+    assert abs(got - alone) > 1e-3
+
+
+def test_pairing_all_and_each_in_a_generation():
+    """all (default): any number of style images, every image attends to all of them; each: one per image, and a
+    count that fits neither 1 nor the batch is refused naming the field."""
+    refs = [photo("cheetah1.jpg"), photo("lion.jpg"), photo("cheetah1.jpg").rotate(90)]
+    kw = dict(BASE, steps=3, batch_size=2)
+    with a1111_host("sd1") as h, sessions() as seen:
+        h.load_script(SCRIPT)
+        three = h.txt2img(**kw, script_args=style_args(refs)).samples
+        assert seen[-1].runs["style"].ref_index(2) == [(0, 1, 2), (0, 1, 2)]
+        one = h.txt2img(**kw, script_args=style_args(refs[:1])).samples
+        each = h.txt2img(**kw, script_args=style_args(refs[:2], pairing="each")).samples
+        assert seen[-1].runs["style"].ref_index(2) == [(0,), (1,)]
+        with pytest.raises(Exception, match=r"Style image \(style\.reference\).*each"):
+            h.txt2img(**kw, script_args=style_args(refs, pairing="each"))
+        assert_no_leftovers(h)
+    assert (three - one).abs().max() > 1e-3 and (three - each).abs().max() > 1e-3
+
+
+def test_noisy_adain_matches_the_latent_to_the_noised_style_latent():
+    """AdaIN on 'noisy' (the paper's): at a one-step run (the sample is the denoised prediction, the step gain 1)
+    with a negligible gradient step, the sample moves by adain(x, z_ref + sigma n) - x against the run without
+    AdaIN: x the initial latent, n the style noise of that step."""
+    from lib_attn.methods.style.run import StyleInputs
+
+    ref = photo("lion.jpg")
+    kw = dict(BASE, steps=1)
+    seen_x = []
+    with a1111_host("sd1", dtype=torch.float64) as h:
+        h.load_script(SCRIPT)
+        h.modules.script_callbacks.on_cfg_denoiser(lambda params: seen_x.append((params.x[:1].clone(),
+                                                                                  params.sigma[:1].clone())))
+        off = h.txt2img(**kw, script_args=style_args(ref, strength=1e-9, adain=False)).samples
+        noisy = h.txt2img(**kw, script_args=style_args(ref, strength=1e-9, adain=True, adain_mode="noisy")).samples
+        model = h.modules.shared.sd_model
+        img = ref.resize((96, 80), Image.Resampling.LANCZOS)
+        z_ref = model.get_first_stage_encoding(model.encode_first_stage(
+            color.pil_to_tensor(img)[None].to(torch.float64) * 2 - 1))
+    x, sigma = seen_x[-1]
+    si = StyleInputs([ref])
+    si.seeds = [BASE["seed"]]
+    n = si.noise(0, [0], x.shape, x)
+    noised = z_ref + sigma.view(-1, 1, 1, 1) * n
+    mx, sx = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
+    mr, sr = noised.mean((2, 3), keepdim=True), noised.std((2, 3), keepdim=True)
+    want = (x - mx) / sx * sr + mr - x
+    got = noisy - off
+    assert want.abs().max() > 1e-2
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()

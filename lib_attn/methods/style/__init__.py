@@ -37,7 +37,17 @@ FIELDS = (
         infotext="Style reference",
         kind="image",
         default=(),
-        help="The image whose style (textures, colours, strokes) is distilled. API: base64 PNG/JPEG or a data URL, or a list with one per image of the batch.",
+        help="The image whose style (textures, colours, strokes) is distilled. API: base64 PNG/JPEG or a data URL, or a list of several (see 'Several style images').",
+    ),
+    Field(
+        NAME,
+        "pairing",
+        label="Several style images",
+        infotext="Style pairing",
+        kind="choice",
+        default="all",
+        choices=("all", "each"),
+        help="all (the paper's): every image attends to all style images at once (their keys and values concatenated). each: style image i for image i of the batch (one per image).",
     ),
     Field(
         NAME,
@@ -45,11 +55,11 @@ FIELDS = (
         label="Strength",
         infotext="Style strength",
         kind="float",
-        default=0.2,
+        default=0.04,
         minimum=0.0,
         maximum=1.0,
-        step=0.005,
-        help="Adam learning rate of the inner gradient steps; their displacement moves the denoised prediction. 0 switches the guidance off. With more gradient steps per step, a lower strength moves as far.",
+        step=0.001,
+        help="Adam learning rate of the inner gradient steps on the VP-scaled latent, in the official code's units (it uses 0.015 with 3 steps; the default 0.04 with 1 step moves the latent as far per step). 0 switches the guidance off.",
     ),
     Field(
         NAME,
@@ -92,7 +102,17 @@ FIELDS = (
         infotext="Style AdaIN",
         kind="bool",
         default=True,
-        help="At guided steps, match the denoised latent's per-channel mean and std to the style image's (the official text-to-image default).",
+        help="At guided steps, match per-channel mean and std to the style image's (the official text-to-image default); 'AdaIN on' says what is matched.",
+    ),
+    Field(
+        NAME,
+        "adain_mode",
+        label="AdaIN on",
+        infotext="Style AdaIN on",
+        kind="choice",
+        default="noisy",
+        choices=("noisy", "denoised"),
+        help="noisy (the paper's): the latent being sampled takes the statistics of the style latent noised to the same level. denoised: the step's denoised prediction takes the clean style latent's.",
     ),
     Field(
         NAME,
@@ -132,10 +152,10 @@ FIELDS = (
         label="Hires strength",
         infotext="Style hires strength",
         kind="float",
-        default=0.05,
+        default=0.01,
         minimum=0.0,
         maximum=1.0,
-        step=0.005,
+        step=0.001,
         help="Strength used in the hires-fix pass when 'Hires pass' is 'own'.",
     ),
 )
@@ -157,6 +177,7 @@ def plan(settings: Any, ctx: PlanContext) -> core.StylePlan | None:
             content_weight=st.content_weight,
             adain=st.adain,
             checkpoint=st.checkpointing,
+            adain_mode=st.adain_mode,
         )
 
 

@@ -10,10 +10,12 @@ inner iterations, the current latent ``z`` runs through the UNet with grad and o
     L_c    = sum over layers of mean |Q(z) - sg[Q_content]|  (img2img content preservation)
     L      = L_AD + lambda * L_c
 
-and one Adam step on ``z`` (a fresh optimizer per guided step, as the official pipeline) lowers
-``L``.  The displacement ``z_final - z`` is added to the step's denoised prediction (the
-"classifier-guidance style" steer of the issue; the official pipeline applies it to the latent
-after the sampler step, see the README for how the strengths compare).
+and Adam steps (a fresh optimizer per guided step, as the official pipeline) lower ``L``.  Like the official
+sampler, Adam runs on the **VP-scaled latent** ``z / sqrt(1 + sigma^2)`` (what the UNet sees), so its learning
+rate means what the paper's does; the displacement, brought back to k-diffusion units, is how far the official
+sampler moves its latent at this noise level.  The hosts add it to the step's denoised prediction amplified by
+:func:`step_gain`, so that a first-order step moves the next latent by that displacement (the official pipeline
+moves the latent after its DDIM step; docs/methods/style.md derives the equivalence).
 
 Everything here is pure torch: the hosts call :meth:`Recorder.attend` from their attention hooks
 with projected ``q, k, v`` and run :func:`guided_displacement` with a function that calls their model.
@@ -36,6 +38,52 @@ from lib_attn.ops import active_at, attention
 Tensor = torch.Tensor
 
 CHECKPOINT_MODES = ("auto", "on", "off")
+SD_SIGMA_MIN = 0.0292  # the smallest training sigma of SD1.x, SD2.x and SDXL (scaled-linear betas 0.00085-0.012)
+
+
+def vp_scale(sigma: Tensor) -> Tensor:
+    """``sqrt(1 + sigma^2)``: a k-diffusion latent is the VP latent times this (per row, B x 1 x 1 x 1)."""
+    return (1 + sigma.double().view(-1, 1, 1, 1) ** 2).sqrt().float()
+
+
+def step_gain(sigma: float, sigma_next: float) -> float:
+    """``sigma / (sigma - sigma_next)``: a change ``d`` of the x0 prediction moves the next latent of a first-order
+    step (Euler, DDIM: ``x' = x + (sigma_next - sigma) * (x - D) / sigma``) by ``(1 - sigma_next / sigma) * d``; to
+    move it by ``d``, the prediction must move by ``d`` times this."""
+    if sigma_next <= 0 or sigma_next >= sigma:
+        return 1.0
+    return sigma / (sigma - sigma_next)
+
+
+@dataclass
+class SigmaTrack:
+    """The noise levels a pass has run at, to estimate the next one (the hooks see only the current sigma).
+
+    The next sigma is estimated from the trend of the last two ratios (``r1^2 / r0``; one ratio where only one is
+    known): within 1 % of the gain on a 20-step Karras or exponential schedule and within 6 % on a uniform one
+    except at the three steps before its last, where its ratios fall fast (up to 2x there); 0 at the schedule's end
+    (``SD_SIGMA_MIN``, or no step left); at a pass's first step, the geometric step to ``SD_SIGMA_MIN`` over the
+    remaining steps (within 40 %)."""
+
+    seen: list = field(default_factory=list)
+
+    def observe(self, sigma: float) -> None:
+        if not self.seen or abs(sigma - self.seen[-1]) > 1e-6 * max(sigma, 1e-12):
+            self.seen.append(float(sigma))
+
+    def next_sigma(self, sigma: float, remaining: int = 1) -> float:
+        if sigma <= SD_SIGMA_MIN * 1.001 or remaining <= 0:
+            return 0.0
+        before = [s for s in self.seen if s > sigma * (1 + 1e-6)][-2:]
+        if not before:
+            return sigma * (SD_SIGMA_MIN / sigma) ** (1.0 / max(int(remaining), 1))
+        r = sigma / before[-1]
+        if len(before) == 2:
+            r = min(r * r / (before[1] / before[0]), 0.999)
+        return sigma * r
+
+    def gain(self, sigma: float, remaining: int = 1) -> float:
+        return step_gain(sigma, self.next_sigma(sigma, remaining))
 
 
 def ad_loss(o: Tensor, q: Tensor, k_ref: Tensor, v_ref: Tensor, n_heads: int, tau: float = 1.0) -> Tensor:
@@ -63,7 +111,8 @@ class Recorder:
     """The state the attention hooks of one guided step share (one per generation, reset per step).
 
     ``mode``: None (hooks stay out of the way), ``"capture"`` (reference/content rows: keep K, V and Q)
-    or ``"guided"`` (compute the loss terms).  ``ref_of[i]``: the reference of guided row i;
+    or ``"guided"`` (compute the loss terms).  ``ref_of[i]``: the references of guided row i, a tuple (several:
+    their keys and values concatenated along the tokens, as the official code does with several style images);
     ``capture_rows``: what each row of the capture call is, ``("ref", r)`` or ``("content", i)``.
     """
 
@@ -116,8 +165,9 @@ class Recorder:
             if not refs:
                 raise RuntimeError(f"Attention Toolkit: style reference features missing at {layer}")
             owners = [self.ref_of[r % len(self.ref_of)] for r in range(q.shape[0])]
-            k_ref = torch.stack([refs[r][0] for r in owners]).to(q)
-            v_ref = torch.stack([refs[r][1] for r in owners]).to(q)
+            owners = [own if isinstance(own, tuple) else (own,) for own in owners]  # one reference: an index
+            k_ref = torch.stack([torch.cat([refs[i][0] for i in own]) for own in owners]).to(q)
+            v_ref = torch.stack([torch.cat([refs[i][1] for i in own]) for own in owners]).to(q)
             loss = ad_loss(o, q, k_ref, v_ref, n_heads, self.tau)
             contents = self.content.get(layer)
             if self.content_weight > 0 and contents:
@@ -250,15 +300,19 @@ def guided_displacement(
     lr: float,
     iters: int,
     first: tuple[Tensor, Tensor] | None = None,
+    scale: Tensor | float = 1.0,
 ) -> tuple[Tensor, list[float]]:
-    """Run ``iters`` Adam steps of lr ``lr`` on a copy of ``x`` against ``recorder``'s loss; ``forward(z)`` runs the
-    model on ``z`` with the recorder in ``"guided"`` mode.  ``first``: ``(z, loss)`` of a first forward already run
-    (the host's own call on ``x``, with ``z`` the :func:`leaf` it ran on), used as the first iteration's.  Returns
-    ``(z - x, losses)`` with the displacement detached and the graph freed; grad mode and the recorder's mode are
-    restored."""
+    """Run ``iters`` Adam steps of lr ``lr`` on ``z = x / scale`` (``scale``: :func:`vp_scale` for a k-diffusion
+    latent, so that Adam runs on the VP latent as the official sampler does; 1 where ``x`` is one already) against
+    ``recorder``'s loss; ``forward(x')`` runs the model on ``x' = z * scale`` with the recorder in ``"guided"`` mode.
+    ``first``: ``(z, loss)`` of a first forward already run (the host's own call on ``x``, with ``z`` the
+    :func:`leaf` of ``x / scale`` it ran on), used as the first iteration's.  Returns ``(x' - x, losses)`` with the
+    displacement detached and the graph freed; grad mode and the recorder's mode are restored."""
     losses: list[float] = []
     with grad_enabled():
-        z = first[0] if first is not None else leaf(x)
+        s = scale.to(x.device) if isinstance(scale, Tensor) else scale
+        z = first[0] if first is not None else leaf(x / s)
+        z0 = z.detach().clone()
         opt = torch.optim.Adam([z], lr=lr)
         for i in range(iters):
             opt.zero_grad(set_to_none=True)
@@ -267,7 +321,7 @@ def guided_displacement(
             else:
                 recorder.terms = []
                 with recorder.guided():
-                    forward(z.to(x.dtype))
+                    forward((z * s).to(x.dtype))
                 loss = recorder.loss()
             if loss is None:
                 raise RuntimeError("Attention Toolkit: the style layers were not reached by the model call")
@@ -278,7 +332,7 @@ def guided_displacement(
             losses.append(float(loss.detach()))
             del loss, grad
             opt.step()
-        delta = (z.detach() - x.detach().float()).to(x.dtype)
+        delta = ((z.detach() - z0) * s).to(x.dtype)
     return delta, losses
 
 
@@ -293,7 +347,7 @@ class StylePlan:
     layers: tuple[LayerKey, ...]
     tau: float
     content_weight: float
-    adain: bool
+    adain: str | None  # "noisy" (the official: the latent to the noised style latent), "denoised" or None
     checkpoint: bool
 
     def active_at(self, step: int, total: int) -> bool:
@@ -312,6 +366,7 @@ def build_plan(
     content_weight: float,
     adain: bool,
     checkpoint: str,
+    adain_mode: str = "noisy",
 ) -> StylePlan | None:
     """None when the settings leave nothing to do; raises LayerSelectorError for a bad selector."""
     if strength <= 0 or iters <= 0:
@@ -320,4 +375,4 @@ def build_plan(
     layers = tuple(select(sel, available, attn="attn1"))
     sdxl_like = any(k.index > 0 for k in available)  # SDXL: several transformer blocks per attention block
     ck = checkpoint == "on" or (checkpoint == "auto" and sdxl_like)
-    return StylePlan(strength, iters, start, end, layers, tau, content_weight, adain, ck)
+    return StylePlan(strength, iters, start, end, layers, tau, content_weight, adain_mode if adain else None, ck)

@@ -24,12 +24,15 @@ class Hooks(A1111Hooks):
         self.inp: dict | None = None  # per image x, sigma, conditioning of the feature passes at this step
         self.reuse = False  # the references were captured and the host's uncond rows run the guided pass
         self.first: tuple | None = None  # (latent leaf, loss) of that first guided forward
+        self.track = style.SigmaTrack()  # the pass's noise levels: the next one's estimate (the step gain)
+        self.noisy_refs: tuple | None = None  # (style rows noised to this step's level, their indices): AdaIN
 
     def begin_sampling(self) -> None:
         self.run.begin(self.ctx.p)
 
     def begin_pass(self, plan: Any, new_pass: bool) -> None:
         self.recorder.clear()
+        self.track = style.SigmaTrack()
 
     def after_sampling(self) -> None:
         self.recorder.clear()
@@ -49,7 +52,9 @@ class Hooks(A1111Hooks):
 
     def step_active(self) -> bool:
         ctx, plan = self.ctx, self.ctx.plan.style
-        self.inp, self.reuse, self.first = None, False, None
+        self.inp, self.reuse, self.first, self.noisy_refs = None, False, None, None
+        if plan is not None and ctx.sigma is not None:
+            self.track.observe(float(ctx.k_sigma(ctx.denoiser, ctx.sigma[:1])[0]))
         return plan is not None and plan.active_at(ctx.step, ctx.total_steps)
 
     def prepare(self, params: Any, layout: Any) -> None:
@@ -97,6 +102,8 @@ class Hooks(A1111Hooks):
         rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, plan.content_weight > 0)
         rec.clear()
         x_cap = ctx.noised(clean, noise, sigma[owner])
+        refs = [r for what, r in rows if what == "ref"]
+        self.noisy_refs = (x_cap[: len(refs)].detach(), refs)
         with (
             style.builtin_checkpointing_off(ctx.unet(den)),
             torch.inference_mode(False),
@@ -120,7 +127,7 @@ class Hooks(A1111Hooks):
         sub_args, sub_kwargs = batchmod.slice_args(args, n, a, n), batchmod.slice_kwargs(kwargs, n, a, n)
         x, rec, latent = sub_args[0], self.recorder, self.inp["x"]
         c_in = ctx.unet_input_scale(st.denoiser, self.inp["sigma"], latent)
-        probe = latent * c_in
+        probe = latent * c_in  # also the VP latent the inner steps optimize (k-diffusion: c_in = 1 / sqrt(1 + s^2))
         # not the host's input after all (an inpainting model's concatenated channels): the call runs as it is and
         # the guided forward runs on its own later; the dtype may differ (A1111's upcast sampling casts the input
         # to the UNet's dtype first)
@@ -130,9 +137,9 @@ class Hooks(A1111Hooks):
         with ctx.call_span(start + a, n - a):
             try:
                 with style.grad_enabled():
-                    # the leaf is the latent itself (as in the separate guided forward); the UNet sees it scaled
-                    z = style.leaf(latent)
-                    x_in = z.to(latent.dtype) * c_in
+                    # the leaf is the VP latent (as in the separate guided forward), which is what the UNet sees
+                    z = style.leaf(probe)
+                    x_in = z
                     rec.terms = []
                     with style.builtin_checkpointing_off(module), style.normal_weights(module), rec.guided():
                         tail = call_next(x_in.to(x.dtype), *sub_args[1:], **sub_kwargs)
@@ -158,29 +165,43 @@ class Hooks(A1111Hooks):
     def _delta(self, den: Any, out: torch.Tensor) -> torch.Tensor:
         """The change the style guidance makes to this step's prediction ``out`` (B rows; denoised for k-diffusion
         samplers, eps for A1111's timestep samplers).  The AD gradient is taken at the latent being sampled
-        (classifier-guidance style); its displacement is added to the (AdaIN-matched) prediction."""
+        (classifier-guidance style), with Adam on the VP latent; the latent's displacement (and the noisy AdaIN's)
+        moves the prediction, amplified by the step gain so that the next latent moves by it."""
         ctx, plan, si = self.ctx, self.ctx.plan.style, self.run
         x, sigma, text, ic = self.inp["x"], self.inp["sigma"], self.inp["text"], self.inp["image_cond"]
         n = x.shape[0]
+        ref_of = si.ref_index(n)
         denoised = ctx.to_denoised(den, x, sigma, out)
         target = denoised
-        if plan.adain:
+        if plan.adain == "denoised":
             z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x)
-            target = ops.adain(denoised.float(), z_ref[si.ref_index(n)].float()).to(denoised.dtype)
+            target = ops.adain(denoised.float(), si.adain_refs(z_ref, ref_of).float()).to(denoised.dtype)
         if not self.reuse:
             self._capture()
         unet = ctx.unet(den)
         rec = self.recorder
         cond = self._cond(text, ic, list(range(n)), x)
         c = ctx.x_per_denoised(den, sigma, x)
+        scale = 1 / ctx.unet_input_scale(den, sigma, x)
         first, self.first = self.first, None
         with style.builtin_checkpointing_off(unet), style.normal_weights(unet):
             disp, losses = style.guided_displacement(
-                lambda z: den.inner_model(z, sigma, cond=cond), rec, x, plan.strength, plan.iters, first=first
+                lambda z: den.inner_model(z, sigma, cond=cond),
+                rec,
+                x,
+                plan.strength,
+                plan.iters,
+                first=first,
+                scale=scale,
             )
         rec.clear()
         si.losses.append(losses)
-        return ctx.from_denoised(den, x, sigma, target + disp / c) - out
+        if plan.adain == "noisy" and self.noisy_refs is not None:
+            noisy, index = self.noisy_refs
+            disp = disp + (ops.adain(x.float(), si.adain_refs(noisy, ref_of, index).float()) - x.float()).to(x.dtype)
+        k_sigma = float(ctx.k_sigma(den, sigma[:1])[0])
+        gain = self.track.gain(k_sigma, ctx.total_steps - ctx.step - 1)
+        return ctx.from_denoised(den, x, sigma, target + gain * disp / c) - out
 
     def _cond(self, text: Any, ic: torch.Tensor | None, rows: list[int], x: torch.Tensor) -> dict:
         t = batchmod.take_rows(text, rows)

@@ -19,6 +19,7 @@ class Hooks(ForgeHooks):
         super().__init__(ctx, run)
         self.recorder = style.Recorder()
         self.keys: set = set()
+        self.track = style.SigmaTrack()  # the pass's noise levels: the next one's estimate (the step gain)
 
     def check(self, plans: tuple) -> None:
         if self.run.settings.checkpointing == "on" and any(plan.style is not None for plan in plans):
@@ -30,6 +31,9 @@ class Hooks(ForgeHooks):
 
     def begin_sampling(self) -> None:
         self.run.begin(self.ctx.p)
+
+    def begin_pass(self, plan: Any) -> None:
+        self.track = style.SigmaTrack()
 
     def install(self, plan: Any) -> dict:
         self.keys = set()
@@ -46,6 +50,8 @@ class Hooks(ForgeHooks):
 
     def post_cfg(self, args: dict, denoised: Any) -> Any:
         plan, ctx = self.ctx.plan.style, self.ctx
+        if plan is not None:
+            self.track.observe(float(args["sigma"].flatten()[0]))
         if plan is None or ctx.failed() or not plan.active_at(ctx.step, ctx.total_steps):
             return denoised
         try:
@@ -56,16 +62,21 @@ class Hooks(ForgeHooks):
 
     def _delta(self, args: dict, denoised: Any) -> Any:
         """AD guidance for this step; the AD gradient is taken at the latent being sampled (classifier-guidance
-        style) and its displacement moves the (AdaIN-matched) prediction."""
+        style), with Adam on the VP latent; the latent's displacement (and the noisy AdaIN's) moves the prediction,
+        amplified by the step gain so that the next latent moves by it."""
         plan, si, rec, ctx = self.ctx.plan.style, self.run, self.recorder, self.ctx
         model = args["model"]
         conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
         with torch.inference_mode(False):
             x, sigma, d = args["input"].clone(), args["sigma"].clone(), denoised.clone()
+            scale = style.vp_scale(sigma)  # made outside inference mode: the graph keeps it
             z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x).clone()
             rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, plan.content_weight > 0)
-            target = ops.adain(d.float(), z_ref[ref_of].float()).to(d.dtype) if plan.adain else d
+            target = d
+            if plan.adain == "denoised":
+                target = ops.adain(d.float(), si.adain_refs(z_ref, ref_of).float()).to(d.dtype)
             x_cap = clean + noise * sigma[owner].view(-1, 1, 1, 1)
+            refs = [r for what, r in rows if what == "ref"]
         options = with_transformer_option(args["model_options"], MODE, "off")
         unet = model.diffusion_model
         rec.clear()
@@ -73,8 +84,18 @@ class Hooks(ForgeHooks):
             ctx.calc(model, conds, None, x_cap, sigma[owner], options)
         with style.normal_weights(unet), style.snapshot_saved_tensors(unet):
             disp, losses = style.guided_displacement(
-                lambda z: ctx.calc(model, conds, None, z, sigma, options), rec, x, plan.strength, plan.iters
+                lambda z: ctx.calc(model, conds, None, z, sigma, options),
+                rec,
+                x,
+                plan.strength,
+                plan.iters,
+                scale=scale,
             )
         rec.clear()
         si.losses.append(losses)
-        return (target + disp - d).to(denoised.dtype)
+        with torch.inference_mode(False):
+            if plan.adain == "noisy":
+                noisy = si.adain_refs(x_cap[: len(refs)], ref_of, refs)
+                disp = disp + (ops.adain(x.float(), noisy.float()) - x.float()).to(x.dtype)
+            gain = self.track.gain(float(sigma.flatten()[0]), ctx.total_steps - ctx.step - 1)
+            return (target + gain * disp - d).to(denoised.dtype)

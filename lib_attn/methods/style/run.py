@@ -20,6 +20,7 @@ from lib_attn import color
 from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
 NOISE_OFFSET = 104729  # the style noise is seeded apart from the sampler's and colorization's
+REF_SALT = 6151  # and apart for each style image
 
 
 @dataclass
@@ -35,9 +36,10 @@ class StyleInputs:
     def prepare(cls, p: Any, settings: Settings) -> StyleInputs:
         refs = list(settings.style.reference)
         batch = int(getattr(p, "batch_size", 1) or 1)
-        if len(refs) not in (1, batch):
+        if settings.style.pairing == "each" and len(refs) not in (1, batch):
             raise FIELD_BY_KEY["style_reference"].error(
-                f"give one style image for all images or one per image of the batch ({batch}), got {len(refs)}"
+                f"with 'Several style images' each, give one style image for all images or one per image of the "
+                f"batch ({batch}), got {len(refs)}"
             )
         return cls(refs, settings=settings.style)
 
@@ -47,8 +49,18 @@ class StyleInputs:
         self.content = init.detach().clone() if isinstance(init, torch.Tensor) else None
         self.seeds = [int(x) for x in (getattr(p, "seeds", None) or getattr(p, "all_seeds", None) or [0])]
 
-    def ref_index(self, n_images: int) -> list[int]:
-        return [0] * n_images if len(self.references) == 1 else list(range(n_images))
+    def ref_index(self, n_images: int) -> list[tuple[int, ...]]:
+        """The style images each image attends to: all of them (pairing ``all``), else its own (``each``)."""
+        if self.settings is None or self.settings.pairing == "all" or len(self.references) == 1:
+            return [tuple(range(len(self.references)))] * n_images
+        return [(i,) for i in range(n_images)]
+
+    @staticmethod
+    def adain_refs(z: torch.Tensor, ref_of: list[tuple[int, ...]], index: list[int] | None = None) -> torch.Tensor:
+        """Per image, the latents whose statistics AdaIN takes: its style images' side by side (the statistics of
+        all of them together).  ``z`` holds the style latents in the order ``index`` gives (default: 0, 1, ...)."""
+        pos = {r: i for i, r in enumerate(index if index is not None else range(z.shape[0]))}
+        return torch.stack([torch.cat([z[pos[r]] for r in own], dim=-1) for own in ref_of])
 
     def latents(self, p: Any, encode: Any, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         """(R, C, h, w) latents of the style images for latents of ``shape`` (B, C, h, w)."""
@@ -78,14 +90,18 @@ class StyleInputs:
         """Rows of the capture call for latents ``x`` (B, C, h, w): the style images (``z_ref``, their ``latents``
         at this size; one row per distinct reference, owned by its first image) and, with ``content``, img2img's
         init latents.  Returns ``(rows, clean latents, noise, owner image per row, ref_of)`` (``ref_of[i]``: the
-        reference of image i); the caller noises them the host's way."""
+        references of image i, a tuple); the caller noises them the host's way.  The first ``len(refs)`` rows are
+        the style images, in index order."""
         n = x.shape[0]
         ref_of = self.ref_index(n)
-        refs = sorted(set(ref_of))
-        owner = [ref_of.index(r) for r in refs]
+        refs = sorted({r for own in ref_of for r in own})
+        owner = [next(i for i, own in enumerate(ref_of) if r in own) for r in refs]
         rows = [("ref", r) for r in refs]
         clean = [z_ref[refs]]
-        noise = [self.noise(step, owner, x.shape, x)]
+        # each style image its own noise, by its place among its owner's style images (the first: salt 0, so an
+        # image with one style image draws the same noise in any batch)
+        salts = [REF_SALT * ref_of[o].index(r) for o, r in zip(owner, refs, strict=True)]
+        noise = [torch.cat([self.noise(step, [o], x.shape, x, salt=t) for o, t in zip(owner, salts, strict=True)])]
         if content and self.content is not None and self.content.shape[-2:] == x.shape[-2:]:
             rows += [("content", i) for i in range(n)]
             clean.append(self.content[:n].to(x))
