@@ -72,3 +72,46 @@ def test_axes_are_listed_and_usable_through_the_api(kind, nowebui, xyz_last):
         assert "PAG scale: 1.5" in infotexts[1] and "PAG scale: 3" in infotexts[2]
         assert "PAG" not in txt2img(BASE)[0]  # the axis set nothing outside the plot
         assert h.errors == []
+
+
+@pytest.mark.parametrize("layout", ["classic", "none"])
+def test_img2img_only_axes_stay_off_txt2img_whatever_the_plot_module_holds(layout):
+    """Forge Classic's xyz_grid imports only ``AxisOption`` (from its ``lib_xyz.classes``, which defines
+    ``AxisOptionImg2Img``); the class is found there, or, where no module defines one, a subclass marked
+    ``is_img2img`` is made.  Either way the plot's own filter (``type(x) == AxisOption or x.is_img2img == tab``, as
+    A1111 and Classic write it) keeps the img2img-only axes off txt2img: on Classic it listed all 112 there."""
+    import sys
+    import types
+
+    classes = types.ModuleType("attn_test_lib_xyz_classes")
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    AxisOption.__module__ = classes.__name__
+    classes.AxisOption = AxisOption
+    if layout == "classic":
+        class AxisOptionImg2Img(AxisOption):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.is_img2img = True
+
+        classes.AxisOptionImg2Img = AxisOptionImg2Img
+    xyz = types.ModuleType("xyz_grid.py")
+    xyz.AxisOption = AxisOption  # what Classic's xyz_grid imports
+    sys.modules[classes.__name__] = classes
+    try:
+        with a1111_host("sd1"):
+            from lib_attn.host import xyz as host_xyz
+
+            options = host_xyz.axis_options(xyz)
+            cls = host_xyz.img2img_axis_class(xyz)
+    finally:
+        del sys.modules[classes.__name__]
+    if layout == "classic":
+        assert cls is classes.AxisOptionImg2Img
+    for is_img2img in (False, True):
+        listed = [x.label for x in options if type(x) is AxisOption or x.is_img2img == is_img2img]
+        assert listed == expected_labels(is_img2img)
+    assert len(expected_labels(False)) < len(expected_labels(True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from modules import scripts
@@ -41,6 +42,24 @@ def _choices(field: S.Field):
     return None
 
 
+def img2img_axis_class(xyz: Any) -> type:
+    """The plot's class of img2img-only axes.  A1111, Forge and Neo define ``AxisOptionImg2Img`` in xyz_grid itself;
+    Forge Classic's xyz_grid imports only ``AxisOption`` from its ``lib_xyz.classes``, which defines it.  Elsewhere a
+    subclass marked ``is_img2img``: the plot lists a plain ``AxisOption`` on both tabs and any other class by that
+    mark."""
+    for module in (xyz, sys.modules.get(getattr(xyz.AxisOption, "__module__", ""))):
+        cls = getattr(module, "AxisOptionImg2Img", None)
+        if isinstance(cls, type):
+            return cls
+
+    class AxisOptionImg2Img(xyz.AxisOption):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.is_img2img = True
+
+    return AxisOptionImg2Img
+
+
 def axis_options(xyz: Any) -> list[Any]:
     """One axis per field; image fields have none (an image is not a value one types in a cell), and
     sections that exist only in img2img get img2img-only axes."""
@@ -54,7 +73,7 @@ def axis_options(xyz: Any) -> list[Any]:
             kwargs["choices"] = choices
         cls = xyz.AxisOption
         if S.SECTION_TABS.get(field.section) == ("img2img",):
-            cls = getattr(xyz, "AxisOptionImg2Img", xyz.AxisOption)
+            cls = img2img_axis_class(xyz)
         out.append(cls(S.XYZ_PREFIX + field.infotext, _axis_type(field), _apply(field), **kwargs))
     return out
 
