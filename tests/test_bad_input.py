@@ -131,8 +131,11 @@ TABLE = [
     ("style-reference-missing", ("txt2img", [{"style": {}}]),
      "Style image (style.reference): style reference is on but no style image was given"),
     ("style-reference-bad-base64", style("data:image/png;base64,%%%"), "(style.reference): not valid base64"),
-    ("style-reference-count", ("txt2img", [{"style": {"reference": [GOOD, GOOD, GOOD]}}]),
-     "(style.reference): give one style image for all images or one per image of the batch (1), got 3"),
+    ("style-reference-count", ("txt2img", [{"style": {"reference": [GOOD, GOOD, GOOD], "pairing": "each"}}]),
+     "(style.reference): with 'Several style images' each, give one style image for all images or one per image of "
+     "the batch (1), got 3"),
+    ("style-adain-mode", style(GOOD, adain_mode="clean"), "AdaIN on (style.adain_mode): expected one of noisy, denoised"),
+    ("style-pairing", style(GOOD, pairing=2), "Several style images (style.pairing): expected one of all, each"),
     ("style-iters-zero", style(GOOD, iters=0), "(style.iters): 0 is out of range"),
     ("style-iters-fraction", style(GOOD, iters=2.5), "(style.iters): expected a whole number"),
     ("style-strength-nan", style(GOOD, strength="nan"), "Strength (style.strength): expected a finite number"),

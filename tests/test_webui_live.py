@@ -299,8 +299,19 @@ def test_style_reference():
     style = {"reference": "data:image/png;base64," + encode(_photo("lion.jpg", (96, 96))), "iters": 1}
     body = ok(txt2img([{"style": style}]))
     assert not np.array_equal(pixels(body["images"][0]), plain)
-    assert "Style strength: 0.2" in infotext(body) and "Style iters: 1" in infotext(body)
+    text = infotext(body)
+    assert "Style strength: 0.04" in text and "Style iters: 1" in text
+    assert "Style AdaIN on: noisy" in text and "Style pairing: all" in text
     assert np.array_equal(pixels(ok(txt2img())["images"][0]), plain)
+    # the paper's options: two style images attended together (any count), the AdaIN on the denoised prediction
+    two = [style["reference"], "data:image/png;base64," + encode(_photo("cheetah1.jpg", (96, 96)))]
+    both = ok(txt2img([{"style": {**style, "reference": two}}]))
+    assert not np.array_equal(pixels(both["images"][0]), pixels(body["images"][0]))
+    den = ok(txt2img([{"style": {**style, "adain_mode": "denoised"}}]))
+    assert "Style AdaIN on: denoised" in infotext(den)
+    assert not np.array_equal(pixels(den["images"][0]), pixels(body["images"][0]))
+    status, err = txt2img([{"style": {**style, "reference": two * 2, "pairing": "each"}}], batch_size=3)
+    assert status >= 400 and "(style.reference)" in json.dumps(err)
     init = encode(_photo("cheetah1.jpg", (SIZE, SIZE)))
     i2i = {**BASE, "init_images": [init], "denoising_strength": 0.6}
     a = ok(call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": [{"style": {**style,

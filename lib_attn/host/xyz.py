@@ -52,12 +52,7 @@ def img2img_axis_class(xyz: Any) -> type:
         if isinstance(cls, type):
             return cls
 
-    class AxisOptionImg2Img(xyz.AxisOption):
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.is_img2img = True
-
-    return AxisOptionImg2Img
+    return type("AxisOptionImg2Img", (xyz.AxisOption,), {"is_img2img": True})
 
 
 def axis_options(xyz: Any) -> list[Any]:
