@@ -111,6 +111,21 @@ def h64():
         yield h
 
 
+def test_reference_is_blurred_for_its_chroma_statistics_as_the_official_code_does():
+    """The a/b target of the Lab post-processing is the reference area-downsampled to 128 x 128 and bilinearly
+    resized (the official code's blur), against a block mean and PIL's bilinear upscaling (plain half-pixel
+    bilinear when enlarging); the blur lowers the chroma spread that the output is matched to."""
+    ref = photo("lion.jpg").resize((256, 256), Image.Resampling.LANCZOS)
+    got = col.blurred_reference(ref, (192, 160)).permute(1, 2, 0).numpy().astype(np.float64) * 255
+    arr = np.asarray(ref, dtype=np.float64)
+    area = np.round(arr.reshape(128, 2, 128, 2, 3).mean((1, 3))).clip(0, 255).astype(np.uint8)  # 2 x 2 blocks
+    want = np.asarray(Image.fromarray(area).resize((192, 160), Image.Resampling.BILINEAR), dtype=np.float64)
+    assert np.abs(got - want).max() <= 2.5  # PIL rounds its box and bilinear sums to 8 bits
+    sharp = color.rgb_to_lab(color.pil_to_tensor(ref.resize((96, 80), Image.Resampling.BICUBIC)))
+    blurred = color.rgb_to_lab(col.blurred_reference(ref, (96, 80)))
+    assert float(blurred[1:].std()) < float(sharp[1:].std())
+
+
 def test_off_is_bit_identical_to_no_extension():
     init = small("cheetah1.jpg")
     with a1111_host("sd1") as h:

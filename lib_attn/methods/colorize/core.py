@@ -28,8 +28,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from lib_attn.layers import LayerKey, select
@@ -106,6 +108,20 @@ def resize_spatial(t: Tensor, size: tuple[int, int]) -> Tensor:
 def colorization_guidance(plain: Tensor, transferred: Tensor, scale: float) -> Tensor:
     """``nc + w * (ct - nc)``; equal to ``transferred`` at ``w = 1``."""
     return plain + (transferred - plain) * scale
+
+
+STATS_BLUR_SIZE = 128  # the official post-processing blurs the reference to 128 x 128 before taking its a/b statistics
+
+
+def blurred_reference(ref: Image.Image, size: tuple[int, int]) -> Tensor:
+    """The reference as the official Lab post-processing sees it (OpenCV: ``INTER_AREA`` to 128 x 128, then
+    ``INTER_LINEAR`` to the output's size): RGB in [0, 1], (3, H, W), for ``size`` = (W, H).  Its a/b statistics are
+    the target of :func:`match_chroma_stats`."""
+    small = ref.convert("RGB").resize((STATS_BLUR_SIZE, STATS_BLUR_SIZE), Image.Resampling.BOX)
+    x = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    # half-pixel bilinear without antialiasing, as OpenCV's INTER_LINEAR (PIL's would antialias when shrinking)
+    out = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=False)
+    return out[0].clamp(0, 1)
 
 
 def match_chroma_stats(lab: Tensor, ref_lab: Tensor) -> Tensor:

@@ -109,7 +109,7 @@ class ColorizeInputs:
         ref = self.references[0 if len(self.references) == 1 else index]
         if self.match_colors:
             out_lab = color.rgb_to_lab(color.pil_to_tensor(image))
-            ref_lab = color.rgb_to_lab(color.pil_to_tensor(ref.resize(image.size, Image.Resampling.BICUBIC)))
+            ref_lab = color.rgb_to_lab(col.blurred_reference(ref, image.size))
             image = color.tensor_to_pil(color.lab_to_rgb(col.match_chroma_stats(out_lab, ref_lab)))
         if not self.full_resolution:
             original = original.resize(image.size, Image.Resampling.LANCZOS)
