@@ -17,7 +17,7 @@ full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent)
 ``colorize`` times whole img2img generations with reference colorization against plain img2img (same steps,
 CFG 1, interleaved) and prints ``ratio colorize_vs_img2img <value>`` last.
 
-``style`` times the sampling loop per step, plain (CFG) against style-guided steps with 1, 2 (the default) and 3
+``style`` times the sampling loop per step, plain (CFG) against style-guided steps with 1 (the default), 2 and 3
 inner iterations, and the peak resident memory of each run above the process's level before it (Linux
 ``VmHWM``, reset between runs); ``ratio style_vs_plain_guided_step <value>`` (default settings) is last.
 ``--checkpointing on|off|auto`` picks the gradient checkpointing of the guided pass.
