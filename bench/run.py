@@ -675,7 +675,7 @@ def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
         with torch.no_grad():
             unet(x, t, context=ctx, **kw)
         per_block.clear(), inputs.clear()
-        rec.mode, rec.ref_of = "guided", [0]
+        rec.mode, rec.ref_of = "guided", [(0,)]
         with style.grad_enabled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             z = x.clone().requires_grad_(True)
             unet(z, t, context=ctx, **kw)

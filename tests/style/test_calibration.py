@@ -66,7 +66,7 @@ def official_displacement(unet, sigma: float) -> torch.Tensor:
         with torch.enable_grad():
             for _ in range(OFFICIAL_ITERS):
                 opt.zero_grad()
-                rec.terms, rec.mode, rec.ref_of = [], "guided", [0]
+                rec.terms, rec.mode, rec.ref_of = [], "guided", [(0,)]
                 unet(z, t, context=ctx)
                 rec.mode = None
                 rec.loss().backward()
@@ -84,7 +84,7 @@ def extension_latent_move(unet, sigma: float, sigma_next: float, seen: list[floa
         rec.mode, rec.capture_rows = "capture", [("ref", 0)]
         with torch.no_grad():
             unet(ref_vp, t, context=ctx)
-        rec.mode, rec.ref_of = None, [0]
+        rec.mode, rec.ref_of = None, [(0,)]
         scale = style.vp_scale(torch.tensor([sigma])).double() if vp else 1.0
         disp, _ = style.guided_displacement(lambda x: unet(x / s, t, context=ctx), rec, x_k, lr, iters, scale=scale)
     track = style.SigmaTrack()

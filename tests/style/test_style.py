@@ -91,7 +91,7 @@ def guided_loss(unet, z, x_ref, t, ctx, tau=1.0, checkpoint=False, grad=False):
         rec.mode, rec.capture_rows = "capture", [("ref", 0)]
         with torch.no_grad():
             unet(x_ref, t, context=ctx)
-        rec.mode, rec.ref_of = "guided", [0] * z.shape[0]
+        rec.mode, rec.ref_of = "guided", [(0,)] * z.shape[0]
         if not grad:
             unet(z, t, context=ctx)
             rec.mode = None
@@ -260,7 +260,7 @@ def ad_loss_of(h, samples, reference, sigma=0.5):
         with recording(unet, rec), torch.no_grad():
             rec.mode, rec.capture_rows = "capture", [("ref", 0)]
             den(z_ref + sigma * noise, s, cond=cond)
-            rec.mode, rec.ref_of = "guided", [0]
+            rec.mode, rec.ref_of = "guided", [(0,)]
             den(samples[i : i + 1] + sigma * noise, s, cond=cond)
         out.append(float(rec.loss()))
     return out

@@ -28,12 +28,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from lib_attn import color
 from lib_attn.layers import LayerKey, select
 from lib_attn.ops import active_at, heads, merge_heads, sdpa
 
@@ -118,7 +118,7 @@ def blurred_reference(ref: Image.Image, size: tuple[int, int]) -> Tensor:
     ``INTER_LINEAR`` to the output's size): RGB in [0, 1], (3, H, W), for ``size`` = (W, H).  Its a/b statistics are
     the target of :func:`match_chroma_stats`."""
     small = ref.convert("RGB").resize((STATS_BLUR_SIZE, STATS_BLUR_SIZE), Image.Resampling.BOX)
-    x = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    x = color.pil_to_tensor(small).float()[None]
     # half-pixel bilinear without antialiasing, as OpenCV's INTER_LINEAR (PIL's would antialias when shrinking)
     out = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=False)
     return out[0].clamp(0, 1)

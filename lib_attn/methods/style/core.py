@@ -165,7 +165,6 @@ class Recorder:
             if not refs:
                 raise RuntimeError(f"Attention Toolkit: style reference features missing at {layer}")
             owners = [self.ref_of[r % len(self.ref_of)] for r in range(q.shape[0])]
-            owners = [own if isinstance(own, tuple) else (own,) for own in owners]  # one reference: an index
             k_ref = torch.stack([torch.cat([refs[i][0] for i in own]) for own in owners]).to(q)
             v_ref = torch.stack([torch.cat([refs[i][1] for i in own]) for own in owners]).to(q)
             loss = ad_loss(o, q, k_ref, v_ref, n_heads, self.tau)

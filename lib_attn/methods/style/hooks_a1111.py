@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from lib_attn import batch as batchmod
-from lib_attn import ops
 from lib_attn.hooks import A1111Hooks
 from lib_attn.methods.style import core as style
 from lib_attn.methods.style.run import error_for
@@ -25,7 +24,7 @@ class Hooks(A1111Hooks):
         self.reuse = False  # the references were captured and the host's uncond rows run the guided pass
         self.first: tuple | None = None  # (latent leaf, loss) of that first guided forward
         self.track = style.SigmaTrack()  # the pass's noise levels: the next one's estimate (the step gain)
-        self.noisy_refs: tuple | None = None  # (style rows noised to this step's level, their indices): AdaIN
+        self.captured: tuple | None = None  # (capture rows, their model input) of this step: the noisy AdaIN
 
     def begin_sampling(self) -> None:
         self.run.begin(self.ctx.p)
@@ -52,7 +51,7 @@ class Hooks(A1111Hooks):
 
     def step_active(self) -> bool:
         ctx, plan = self.ctx, self.ctx.plan.style
-        self.inp, self.reuse, self.first, self.noisy_refs = None, False, None, None
+        self.inp, self.reuse, self.first, self.captured = None, False, None, None
         if plan is not None and ctx.sigma is not None:
             self.track.observe(float(ctx.k_sigma(ctx.denoiser, ctx.sigma[:1])[0]))
         return plan is not None and plan.active_at(ctx.step, ctx.total_steps)
@@ -102,8 +101,7 @@ class Hooks(A1111Hooks):
         rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, plan.content_weight > 0)
         rec.clear()
         x_cap = ctx.noised(clean, noise, sigma[owner])
-        refs = [r for what, r in rows if what == "ref"]
-        self.noisy_refs = (x_cap[: len(refs)].detach(), refs)
+        self.captured = (rows, x_cap.detach())
         with (
             style.builtin_checkpointing_off(ctx.unet(den)),
             torch.inference_mode(False),
@@ -139,10 +137,9 @@ class Hooks(A1111Hooks):
                 with style.grad_enabled():
                     # the leaf is the VP latent (as in the separate guided forward), which is what the UNet sees
                     z = style.leaf(probe)
-                    x_in = z
                     rec.terms = []
                     with style.builtin_checkpointing_off(module), style.normal_weights(module), rec.guided():
-                        tail = call_next(x_in.to(x.dtype), *sub_args[1:], **sub_kwargs)
+                        tail = call_next(z.to(x.dtype), *sub_args[1:], **sub_kwargs)
                     loss = rec.loss()
                     rec.terms = []
             except Exception as e:
@@ -175,7 +172,7 @@ class Hooks(A1111Hooks):
         target = denoised
         if plan.adain == "denoised":
             z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x)
-            target = ops.adain(denoised.float(), si.adain_refs(z_ref, ref_of).float()).to(denoised.dtype)
+            target = si.adain_prediction(denoised, z_ref, ref_of)
         if not self.reuse:
             self._capture()
         unet = ctx.unet(den)
@@ -196,9 +193,8 @@ class Hooks(A1111Hooks):
             )
         rec.clear()
         si.losses.append(losses)
-        if plan.adain == "noisy" and self.noisy_refs is not None:
-            noisy, index = self.noisy_refs
-            disp = disp + (ops.adain(x.float(), si.adain_refs(noisy, ref_of, index).float()) - x.float()).to(x.dtype)
+        if plan.adain == "noisy" and self.captured is not None:
+            disp = disp + si.adain_shift(x, self.captured[1], self.captured[0], ref_of)
         k_sigma = float(ctx.k_sigma(den, sigma[:1])[0])
         gain = self.track.gain(k_sigma, ctx.total_steps - ctx.step - 1)
         return ctx.from_denoised(den, x, sigma, target + gain * disp / c) - out

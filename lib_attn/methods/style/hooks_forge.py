@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from lib_attn import ops
 from lib_attn.hooks import MODE, ForgeHooks, with_transformer_option
 from lib_attn.methods.style import core as style
 from lib_attn.methods.style.run import error_for
@@ -74,9 +73,8 @@ class Hooks(ForgeHooks):
             rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, plan.content_weight > 0)
             target = d
             if plan.adain == "denoised":
-                target = ops.adain(d.float(), si.adain_refs(z_ref, ref_of).float()).to(d.dtype)
+                target = si.adain_prediction(d, z_ref, ref_of)
             x_cap = clean + noise * sigma[owner].view(-1, 1, 1, 1)
-            refs = [r for what, r in rows if what == "ref"]
         options = with_transformer_option(args["model_options"], MODE, "off")
         unet = model.diffusion_model
         rec.clear()
@@ -95,7 +93,6 @@ class Hooks(ForgeHooks):
         si.losses.append(losses)
         with torch.inference_mode(False):
             if plan.adain == "noisy":
-                noisy = si.adain_refs(x_cap[: len(refs)], ref_of, refs)
-                disp = disp + (ops.adain(x.float(), noisy.float()) - x.float()).to(x.dtype)
+                disp = disp + si.adain_shift(x, x_cap, rows, ref_of)
             gain = self.track.gain(float(sigma.flatten()[0]), ctx.total_steps - ctx.step - 1)
             return (target + gain * disp - d).to(denoised.dtype)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lib_attn import color
+from lib_attn import color, ops
 from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
 NOISE_OFFSET = 104729  # the style noise is seeded apart from the sampler's and colorization's
@@ -61,6 +61,21 @@ class StyleInputs:
         all of them together).  ``z`` holds the style latents in the order ``index`` gives (default: 0, 1, ...)."""
         pos = {r: i for i, r in enumerate(index if index is not None else range(z.shape[0]))}
         return torch.stack([torch.cat([z[pos[r]] for r in own], dim=-1) for own in ref_of])
+
+    def adain_prediction(self, d: torch.Tensor, z_ref: torch.Tensor, ref_of: list[tuple[int, ...]]) -> torch.Tensor:
+        """AdaIN ``denoised``: the prediction ``d`` takes its clean style latents' statistics (``z_ref``: all style
+        latents, in index order)."""
+        return ops.adain(d.float(), self.adain_refs(z_ref, ref_of).float()).to(d.dtype)
+
+    def adain_shift(
+        self, x: torch.Tensor, x_cap: torch.Tensor, rows: list, ref_of: list[tuple[int, ...]]
+    ) -> torch.Tensor:
+        """AdaIN ``noisy`` (the paper's): the change that gives the latent being sampled ``x`` the statistics of its
+        style latents noised to the same level, the style rows of the capture call (``x_cap``, described by ``rows``
+        as :meth:`capture_batch` returns them)."""
+        refs = [r for what, r in rows if what == "ref"]
+        noisy = self.adain_refs(x_cap[: len(refs)], ref_of, refs)
+        return (ops.adain(x.float(), noisy.float()) - x.float()).to(x.dtype)
 
     def latents(self, p: Any, encode: Any, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         """(R, C, h, w) latents of the style images for latents of ``shape`` (B, C, h, w)."""
