@@ -626,14 +626,19 @@ def test_noisy_adain_matches_the_latent_to_the_noised_style_latent():
     seen_x = []
     with a1111_host("sd1", dtype=torch.float64) as h:
         h.load_script(SCRIPT)
-        h.modules.script_callbacks.on_cfg_denoiser(lambda params: seen_x.append((params.x[:1].clone(),
-                                                                                  params.sigma[:1].clone())))
+        def spy(params):
+            seen_x.append((params.x[:1].clone(), params.sigma[:1].clone()))
+
+        h.modules.script_callbacks.on_cfg_denoiser(spy)
         off = h.txt2img(**kw, script_args=style_args(ref, strength=1e-9, adain=False)).samples
         noisy = h.txt2img(**kw, script_args=style_args(ref, strength=1e-9, adain=True, adain_mode="noisy")).samples
         model = h.modules.shared.sd_model
         img = ref.resize((96, 80), Image.Resampling.LANCZOS)
         z_ref = model.get_first_stage_encoding(model.encode_first_stage(
             color.pil_to_tensor(img)[None].to(torch.float64) * 2 - 1))
+        spies = h.modules.script_callbacks.callback_map["callbacks_cfg_denoiser"]
+        spies[:] = [c for c in spies if c.callback is not spy]  # the test's own callback; then nothing is left
+        assert_no_leftovers(h)
     x, sigma = seen_x[-1]
     si = StyleInputs([ref])
     si.seeds = [BASE["seed"]]
