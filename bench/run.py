@@ -263,16 +263,13 @@ def _photo(name: str):
     return Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / name).convert("RGB")
 
 
-def bench_colorize(args: argparse.Namespace) -> float:
-    """Whole img2img generations (encode, sampling, decode, post-processing) with reference colorization
-    against plain img2img with the same steps, interleaved."""
+def _img2img_ratio(args: argparse.Namespace, name: str, init, on: list, note: str, **extra) -> float:
+    """Whole img2img generations (encode, sampling, decode, post-processing) with the script args ``on`` against
+    plain img2img with the same steps, interleaved; prints ``ratio <name>_vs_img2img`` (wall clock, and ``_cpu``)."""
     kind, size = _setup(args)
-    init = _photo("cheetah1.jpg").convert("L").convert("RGB").resize((size, size))
-    ref = _photo("lion.jpg")
     with a1111_host(kind) as h:
         h.load_script(SCRIPT)
         off = S.defaults().to_args()
-        on = [{"colorize": {"reference": ref}}]
         base = dict(
             prompt="",
             negative_prompt="",
@@ -284,8 +281,9 @@ def bench_colorize(args: argparse.Namespace) -> float:
             batch_size=args.batch,
             sampler_name="Euler",
             denoising_strength=1.0,
-            init_images=[init],
+            init_images=[init.resize((size, size))],
         )
+        base.update(extra)
 
         def timed(script_args):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -294,24 +292,42 @@ def bench_colorize(args: argparse.Namespace) -> float:
 
         timed(on)  # warm-up
         timed(off)
-        plain_t, col_t = [], []
+        plain_t, on_t = [], []
         for _ in range(args.repeat):
             plain_t.append(timed(off))
-            col_t.append(timed(on))
+            on_t.append(timed(on))
     print(
-        f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, CFG 1, "
-        f"torch threads {torch.get_num_threads()}; guidance 10, empty prompt: the uncond rows are the plain rows, the "
-        f"reference streams at the default half side)"
+        f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, "
+        f"CFG {base['cfg_scale']:g}, torch threads {torch.get_num_threads()}; {note})"
     )
     ratios = {}
     for i, clock in enumerate(("cpu", "wall")):
         a = statistics.median(t[i] for t in plain_t)
-        b = statistics.median(t[i] for t in col_t)
+        b = statistics.median(t[i] for t in on_t)
         ratios[clock] = b / a
-        print(f"{clock:4s} img2img {a * 1000:8.1f} ms   img2img+colorize {b * 1000:8.1f} ms")
-    print(f"ratio colorize_vs_img2img_cpu {ratios['cpu']:.3f}")
-    print(f"ratio colorize_vs_img2img {ratios['wall']:.3f}")
+        print(f"{clock:4s} img2img {a * 1000:8.1f} ms   img2img+{name} {b * 1000:8.1f} ms")
+    print(f"ratio {name}_vs_img2img_cpu {ratios['cpu']:.3f}")
+    print(f"ratio {name}_vs_img2img {ratios['wall']:.3f}")
     return ratios["wall"]
+
+
+def bench_colorize(args: argparse.Namespace) -> float:
+    """Reference colorization against plain img2img (CFG 1, empty prompt, the defaults)."""
+    init = _photo("cheetah1.jpg").convert("L").convert("RGB")
+    on = [{"colorize": {"reference": _photo("lion.jpg")}}]
+    note = (
+        "guidance 10, empty prompt: the uncond rows are the plain rows, the reference streams at the default half side"
+    )
+    return _img2img_ratio(args, "colorize", init, on, note)
+
+
+def bench_style_transfer(args: argparse.Namespace) -> float:
+    """The paper's style transfer by optimization (style mode transfer, one Adam step per step) against plain
+    img2img with the same steps, CFG 5 (the host's cond and uncond rows run at every step; the uncond rows are the
+    optimization's forward on A1111)."""
+    on = [{"style": {"reference": _photo("cheetah1.jpg"), "mode": "transfer"}}]
+    note = "transfer lr 0.05, content weight 0.25, its forward on the host's uncond rows"
+    return _img2img_ratio(args, "style_transfer", _photo("lion.jpg"), on, note, cfg_scale=5.0)
 
 
 def _time_into(spent: dict, bucket: str, owner: object, name: str):
@@ -698,6 +714,7 @@ BENCHES = {
     **{name: bench_guidance for name in GUIDANCE},
     "colorize": bench_colorize,
     "style": bench_style,
+    "style_transfer": bench_style_transfer,
     "style_memory": bench_style_memory,
     "edit_mask": bench_edit_mask,
     "masked_upscale": bench_masked_upscale,

@@ -114,6 +114,12 @@ class ForgeHooks:
         """A context in which the host samples once more (with fresh, unpatched model objects), or None."""
         return None
 
+    def sampler_function(self) -> Callable[..., Any] | None:
+        """A function that replaces the host's k-diffusion sampling function (``p.sampler.func``) for this sampling
+        call, or None.  It is called as the host calls its sampler function (``model, x, extra_args=, callback=,
+        disable=``, and ``sigmas=`` where the sampler has a sigma schedule) and returns the final latent."""
+        return None
+
     def begin_pass(self, plan: Any) -> None:
         """A new pass is planned (``plan``: this method's plan in it, None where inactive)."""
 
@@ -238,6 +244,12 @@ class A1111Hooks:
 
     def follow_up(self) -> contextlib.AbstractContextManager | None:
         """A context in which the host samples once more (none of the hooks is installed then), or None."""
+        return None
+
+    def sampler_function(self) -> Callable[..., Any] | None:
+        """A function that replaces the host's k-diffusion sampling function (``p.sampler.func``) for this sampling
+        call, or None.  It is called as the host calls its sampler function (``model, x, extra_args=, callback=,
+        disable=``, and ``sigmas=`` where the sampler has a sigma schedule) and returns the final latent."""
         return None
 
     def begin_pass(self, plan: Any, new_pass: bool) -> None:

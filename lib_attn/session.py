@@ -20,7 +20,7 @@ from lib_attn.layers import LayerKey, keys_from_module_names
 from lib_attn.methods import METHODS
 from lib_attn.methods.base import PlanContext
 from lib_attn.registry import PatchSet
-from lib_attn.settings import Settings, SettingsError
+from lib_attn.settings import TITLE, Settings, SettingsError
 
 log = logging.getLogger("lib_attn")
 
@@ -111,13 +111,36 @@ class Session:
         for h in self.hooks:
             h.begin_sampling()
         try:
-            yield
+            with self._sampler_replaced():
+                yield
             for h in self.hooks:
                 if self.error is None:
                     h.end_sampling()
         finally:
             for h in self.hooks:
                 h.after_sampling()
+
+    @contextlib.contextmanager
+    def _sampler_replaced(self):
+        """The first hook's sampling function (``sampler_function``) in place of the processing's sampler function
+        (``p.sampler.func``, which every host's sampler calls) for this sampling call; put back however it ends."""
+        fn = next((f for f in (h.sampler_function() for h in self.hooks) if f is not None), None)
+        if fn is None:
+            yield
+            return
+        sampler = getattr(getattr(self, "p", None), "sampler", None)
+        if sampler is None or not callable(getattr(sampler, "func", None)):
+            raise RuntimeError(f"{TITLE}: the WebUI's sampler has no sampling function to replace")
+        had = "func" in vars(sampler)
+        original = sampler.func
+        sampler.func = fn
+        try:
+            yield
+        finally:
+            if had:
+                sampler.func = original
+            else:
+                del sampler.func
 
     def follow_up_scope(self) -> Any:
         """The first hook's scope for one more host sampling call, or None (and None after a failure)."""

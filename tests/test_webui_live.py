@@ -334,6 +334,35 @@ def test_style_reference():
     assert status >= 400 and "(style.reference)" in json.dumps(err)
 
 
+def test_style_transfer_by_optimization():
+    """Style mode transfer (the paper's style transfer) through the API: img2img returns the optimized init image
+    (it differs from a plain img2img and from the guided mode, the infotext records the mode and pastes back), a
+    repeat is identical, and txt2img or a timestep sampler are refused naming style.mode."""
+    style = {"reference": "data:image/png;base64," + encode(_photo("lion.jpg", (96, 96))), "mode": "transfer"}
+    init = encode(_photo("cheetah1.jpg", (SIZE, SIZE)))
+    i2i = {**BASE, "init_images": [init], "denoising_strength": 1.0, "steps": 6}
+
+    def run(args, **kw):
+        return call("/sdapi/v1/img2img", {**i2i, **kw, "alwayson_scripts": {TITLE: {"args": args}}})
+
+    plain = pixels(ok(run([]))["images"][0])
+    body = ok(run([{"style": style}]))
+    out = pixels(body["images"][0])
+    assert not np.array_equal(out, plain)
+    text = infotext(body)
+    assert "Style mode: transfer" in text and "Style transfer lr: 0.05" in text
+    parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][0]}))
+    assert parsed["parameters"].get("Style mode") == "transfer"
+    assert np.array_equal(pixels(ok(run([{"style": style}]))["images"][0]), out)
+    guided = pixels(ok(run([{"style": {**style, "mode": "guidance"}}]))["images"][0])
+    assert not np.array_equal(guided, out)
+    status, err = txt2img([{"style": style}])
+    assert status >= 400 and "(style.mode)" in json.dumps(err)
+    status, err = run([{"style": style}], sampler_name="DDIM")
+    assert status >= 400 and "(style.mode)" in json.dumps(err)
+    assert np.array_equal(pixels(ok(run([]))["images"][0]), plain)
+
+
 def test_edit_mask():
     """The automatic edit mask through the API: the mask comes back as an extra image at the output size, its
     infotext pastes back through the WebUI's own parser, the mask is accepted as the mask of a follow-up inpainting

@@ -31,6 +31,8 @@ ORDER: tuple = (
     (edit_mask.METHOD, "seeds"),
     (style.METHOD, "adain_mode"),
     (style.METHOD, "pairing"),
+    (style.METHOD, "mode"),
+    (style.METHOD, "transfer_lr"),
 )
 
 METHODS: tuple[Method, ...] = tuple(dict.fromkeys(e if isinstance(e, Method) else e[0] for e in ORDER))

@@ -19,6 +19,12 @@ class StyleSection(Section):
         if self.enabled and not self.reference:
             raise self.FIELDS["reference"].error("style reference is on but no style image was given")
 
+    @property
+    def active(self) -> bool:
+        if self.enabled and self.mode == "transfer":
+            return self.transfer_lr > 0
+        return super().active
+
 
 FIELDS = (
     Field(
@@ -48,6 +54,28 @@ FIELDS = (
         default="all",
         choices=("all", "each"),
         help="all (the paper's): every image attends to all style images at once (their keys and values concatenated). each: style image i for image i of the batch (one per image).",
+    ),
+    Field(
+        NAME,
+        "mode",
+        label="Mode",
+        infotext="Style mode",
+        kind="choice",
+        default="guidance",
+        choices=("guidance", "transfer"),
+        help="guidance: AD-guided sampling (txt2img, img2img, hires fix; the paper's text-to-image mode). transfer (img2img): the paper's style transfer by optimization: the init image's latent itself is optimized, one Adam step per sampling step (paper: 200 steps, denoising strength 1), against the style loss plus the content loss; the sampler only sets the step count.",
+    ),
+    Field(
+        NAME,
+        "transfer_lr",
+        label="Transfer learning rate",
+        infotext="Style transfer lr",
+        kind="float",
+        default=0.05,
+        minimum=0.0,
+        maximum=0.5,
+        step=0.005,
+        help="Mode transfer: Adam's learning rate on the latent (paper: 0.05). 0 switches the transfer off.",
     ),
     Field(
         NAME,
@@ -178,6 +206,7 @@ def plan(settings: Any, ctx: PlanContext) -> core.StylePlan | None:
             adain=st.adain,
             checkpoint=st.checkpointing,
             adain_mode=st.adain_mode,
+            transfer_lr=st.transfer_lr if st.mode == "transfer" else None,
         )
 
 

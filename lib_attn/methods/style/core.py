@@ -315,24 +315,100 @@ def guided_displacement(
         opt = torch.optim.Adam([z], lr=lr)
         for i in range(iters):
             opt.zero_grad(set_to_none=True)
-            if i == 0 and first is not None:
-                loss = first[1]
-            else:
-                recorder.terms = []
-                with recorder.guided():
-                    forward((z * s).to(x.dtype))
-                loss = recorder.loss()
-            if loss is None:
-                raise RuntimeError("Attention Toolkit: the style layers were not reached by the model call")
-            # the gradient of the latent only: nothing accumulates on the model's parameters
-            (grad,) = torch.autograd.grad(loss, z)
-            z.grad = grad
-            recorder.terms = []
-            losses.append(float(loss.detach()))
-            del loss, grad
+            z.grad, loss = latent_grad(forward, recorder, z, s, x.dtype, first if i == 0 else None)
+            losses.append(loss)
             opt.step()
         delta = ((z.detach() - z0) * s).to(x.dtype)
     return delta, losses
+
+
+def latent_grad(
+    forward: Callable[[Tensor], object],
+    recorder: Recorder,
+    z: Tensor,
+    scale: Tensor | float,
+    dtype: torch.dtype,
+    first: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, float]:
+    """The loss's gradient at the VP latent ``z`` (a leaf): ``forward(z * scale)`` runs the model with the recorder
+    in ``"guided"`` mode; with ``first`` (``(leaf, loss)`` of a forward already run at ``z``'s value) its loss is
+    used instead.  Only the latent's gradient is taken (nothing accumulates on the model's parameters); returns
+    ``(gradient, loss)`` with the graph freed."""
+    with grad_enabled():
+        if first is not None:
+            at, loss = first
+        else:
+            at = z
+            recorder.terms = []
+            with recorder.guided():
+                forward((z * scale).to(dtype))
+            loss = recorder.loss()
+        if loss is None:
+            raise RuntimeError("Attention Toolkit: the style layers were not reached by the model call")
+        (grad,) = torch.autograd.grad(loss, at)
+        recorder.terms = []
+        return grad.to(z.dtype), float(loss.detach())
+
+
+# ---- style transfer by optimization (the paper's, with a content image) -------------------------------
+
+
+def sd_sigmas() -> Tensor:
+    """k-diffusion sigma of each of SD's 1000 training timesteps (scaled-linear betas 0.00085-0.012, float64),
+    shared by SD1.x, SD2.x and SDXL."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - betas, 0)
+    return ((1 - a) / a).sqrt()
+
+
+def transfer_timesteps(n: int, sigma_start: float) -> list[int]:
+    """The timesteps of the optimization's ``n`` steps, high to low, spaced as diffusers' DDIM ``leading`` spacing
+    (the official code sets a DDIM scheduler to ``n`` steps and takes one Adam step at each), over the training
+    timesteps up to the one whose sigma is ``sigma_start`` (the host's first sigma: the whole range at denoising
+    strength 1).  ``n`` 200 from the top gives the official 996, 991, ..., 1."""
+    if n <= 0:
+        return []
+    sig = sd_sigmas()
+    top = int(torch.searchsorted(sig, torch.tensor(float(sigma_start), dtype=torch.float64)).clamp(0, 999)) + 1
+    ratio = top // n if n <= top else top / n  # diffusers: 1000 // n
+    return [min(999, 1 + int((n - 1 - i) * ratio)) for i in range(n)]
+
+
+@dataclass
+class TransferState:
+    """The paper's style transfer: Adam (one optimizer for the whole run) on the latent, which starts as the
+    content image's and is fed to the UNet as it is (clean) with each step's timestep."""
+
+    z: Tensor  # (B, C, h, w) float32 leaf
+    lr: float
+    opt: torch.optim.Optimizer = field(init=False)
+    losses: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.opt = torch.optim.Adam([self.z], lr=self.lr)
+
+    @classmethod
+    def start(cls, content: Tensor, lr: float) -> TransferState:
+        """Made outside the host's inference mode (Forge samples in it): Adam updates the latent in place."""
+        with grad_enabled():
+            return cls(leaf(content), lr)
+
+    def step(
+        self,
+        forward: Callable[[Tensor], object],
+        recorder: Recorder,
+        scale: Tensor | float,
+        dtype: torch.dtype,
+        first: tuple[Tensor, Tensor] | None = None,
+    ) -> float:
+        """One Adam step on the latent against the recorder's loss (style + content); ``forward`` and ``scale`` as
+        :func:`latent_grad`'s (``scale`` = sqrt(1 + sigma^2): the UNet sees the latent itself)."""
+        with grad_enabled():
+            self.opt.zero_grad(set_to_none=True)
+            self.z.grad, loss = latent_grad(forward, recorder, self.z, scale, dtype, first)
+            self.opt.step()
+        self.losses.append(loss)
+        return loss
 
 
 @dataclass(frozen=True)
@@ -348,9 +424,14 @@ class StylePlan:
     content_weight: float
     adain: str | None  # "noisy" (the official: the latent to the noised style latent), "denoised" or None
     checkpoint: bool
+    transfer_lr: float | None = None  # style transfer by optimization (img2img): Adam's lr; None: guided sampling
+
+    @property
+    def transfer(self) -> bool:
+        return self.transfer_lr is not None
 
     def active_at(self, step: int, total: int) -> bool:
-        return active_at(step, total, self.start, self.end)
+        return self.transfer or active_at(step, total, self.start, self.end)
 
 
 def build_plan(
@@ -366,12 +447,20 @@ def build_plan(
     adain: bool,
     checkpoint: str,
     adain_mode: str = "noisy",
+    transfer_lr: float | None = None,
 ) -> StylePlan | None:
-    """None when the settings leave nothing to do; raises LayerSelectorError for a bad selector."""
-    if strength <= 0 or iters <= 0:
+    """None when the settings leave nothing to do; raises LayerSelectorError for a bad selector.  With
+    ``transfer_lr`` (style transfer by optimization) the strength, iterations, interval and AdaIN do not apply."""
+    if transfer_lr is not None:
+        if transfer_lr <= 0:
+            return None
+        strength, iters, adain = 0.0, 1, False
+    elif strength <= 0 or iters <= 0:
         return None
     sel = default_selector(available) if selector.strip().lower() in ("", "auto") else selector
     layers = tuple(select(sel, available, attn="attn1"))
     sdxl_like = any(k.index > 0 for k in available)  # SDXL: several transformer blocks per attention block
     ck = checkpoint == "on" or (checkpoint == "auto" and sdxl_like)
-    return StylePlan(strength, iters, start, end, layers, tau, content_weight, adain_mode if adain else None, ck)
+    return StylePlan(
+        strength, iters, start, end, layers, tau, content_weight, adain_mode if adain else None, ck, transfer_lr
+    )

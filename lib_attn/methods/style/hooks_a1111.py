@@ -29,6 +29,9 @@ class Hooks(A1111Hooks):
     def begin_sampling(self) -> None:
         self.run.begin(self.ctx.p)
 
+    def sampler_function(self) -> Any:
+        return self.run.sampler_function()
+
     def begin_pass(self, plan: Any, new_pass: bool) -> None:
         self.recorder.clear()
         self.track = style.SigmaTrack()
@@ -100,7 +103,10 @@ class Hooks(A1111Hooks):
         z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x)
         rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, plan.content_weight > 0)
         rec.clear()
-        x_cap = ctx.noised(clean, noise, sigma[owner])
+        if si.transfer is not None:  # the style transfer feeds the UNet the clean latents at the step's timestep
+            x_cap = clean / ctx.unet_input_scale(den, sigma[owner], clean)
+        else:
+            x_cap = ctx.noised(clean, noise, sigma[owner])
         self.captured = (rows, x_cap.detach())
         with (
             style.builtin_checkpointing_off(ctx.unet(den)),
@@ -154,6 +160,9 @@ class Hooks(A1111Hooks):
         if self.inp is None or self.ctx.failed():  # after a failure the generation fails anyway
             return delta
         try:
+            if self.run.transfer is not None:
+                self._transfer_step(self.ctx.denoiser)
+                return delta  # the transfer's loop keeps its own latent; the prediction is not used
             return delta + self._delta(self.ctx.denoiser, params.x + delta)
         except Exception as e:  # the host would log and drop it: fail the generation with the cause
             self.ctx.fail(error_for(e))
@@ -198,6 +207,24 @@ class Hooks(A1111Hooks):
         k_sigma = float(ctx.k_sigma(den, sigma[:1])[0])
         gain = self.track.gain(k_sigma, ctx.total_steps - ctx.step - 1)
         return ctx.from_denoised(den, x, sigma, target + gain * disp / c) - out
+
+    def _transfer_step(self, den: Any) -> None:
+        """Mode transfer: one Adam step on the latent being optimized (the UNet sees it clean at this step's
+        timestep), against the style and content losses of the clean references captured at the same timestep."""
+        ctx, si = self.ctx, self.run
+        x, sigma, text, ic = self.inp["x"], self.inp["sigma"], self.inp["text"], self.inp["image_cond"]
+        if not self.reuse:
+            self._capture()
+        unet = ctx.unet(den)
+        cond = self._cond(text, ic, list(range(x.shape[0])), x)
+        scale = 1 / ctx.unet_input_scale(den, sigma, x)
+        first, self.first = self.first, None
+        with style.builtin_checkpointing_off(unet), style.normal_weights(unet):
+            loss = si.transfer.step(
+                lambda z: den.inner_model(z, sigma, cond=cond), self.recorder, scale, x.dtype, first
+            )
+        self.recorder.clear()
+        si.losses.append([loss])
 
     def _cond(self, text: Any, ic: torch.Tensor | None, rows: list[int], x: torch.Tensor) -> dict:
         t = batchmod.take_rows(text, rows)

@@ -31,6 +31,9 @@ class Hooks(ForgeHooks):
     def begin_sampling(self) -> None:
         self.run.begin(self.ctx.p)
 
+    def sampler_function(self) -> Any:
+        return self.run.sampler_function()
+
     def begin_pass(self, plan: Any) -> None:
         self.track = style.SigmaTrack()
 
@@ -54,6 +57,9 @@ class Hooks(ForgeHooks):
         if plan is None or ctx.failed() or not plan.active_at(ctx.step, ctx.total_steps):
             return denoised
         try:
+            if self.run.transfer is not None:
+                self._transfer_step(args)
+                return denoised  # the transfer's loop keeps its own latent; the prediction is not used
             return denoised + self._delta(args, denoised)
         except Exception as e:  # the host would log and drop it: fail the generation with the cause
             ctx.fail(error_for(e))
@@ -96,3 +102,25 @@ class Hooks(ForgeHooks):
                 disp = disp + si.adain_shift(x, x_cap, rows, ref_of)
             gain = self.track.gain(float(sigma.flatten()[0]), ctx.total_steps - ctx.step - 1)
             return (target + gain * disp - d).to(denoised.dtype)
+
+    def _transfer_step(self, args: dict) -> None:
+        """Mode transfer: one Adam step on the latent being optimized (the UNet sees it clean at this step's
+        timestep), against the style and content losses of the clean references captured at the same timestep."""
+        si, rec, ctx = self.run, self.recorder, self.ctx
+        model = args["model"]
+        conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
+        with torch.inference_mode(False):
+            x, sigma = args["input"].clone(), args["sigma"].clone()
+            scale = style.vp_scale(sigma)  # made outside inference mode: the graph keeps it
+            z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x).clone()
+            rows, clean, _, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, self.ctx.plan.style.content_weight > 0)
+            x_cap = clean * style.vp_scale(sigma[owner]).to(clean)  # the UNet sees the clean latents
+        options = with_transformer_option(args["model_options"], MODE, "off")
+        unet = model.diffusion_model
+        rec.clear()
+        with torch.inference_mode(False), torch.no_grad(), rec.capturing(rows, ref_of):
+            ctx.calc(model, conds, None, x_cap, sigma[owner], options)
+        with style.normal_weights(unet), style.snapshot_saved_tensors(unet):
+            loss = si.transfer.step(lambda z: ctx.calc(model, conds, None, z, sigma, options), rec, scale, x.dtype)
+        rec.clear()
+        si.losses.append([loss])

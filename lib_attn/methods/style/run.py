@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 
 from lib_attn import color, ops
+from lib_attn.methods.style import core
 from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
 NOISE_OFFSET = 104729  # the style noise is seeded apart from the sampler's and colorization's
@@ -31,11 +34,16 @@ class StyleInputs:
     _latents: dict = field(default_factory=dict)
     settings: Any = None  # the style section
     losses: list = field(default_factory=list)  # per guided step, the loss at each inner iteration
+    transfer: core.TransferState | None = None  # mode transfer, while its loop runs
 
     @classmethod
     def prepare(cls, p: Any, settings: Settings) -> StyleInputs:
         refs = list(settings.style.reference)
         batch = int(getattr(p, "batch_size", 1) or 1)
+        if settings.style.mode == "transfer" and not getattr(p, "init_images", None):
+            raise FIELD_BY_KEY["style_mode"].error(
+                "transfer optimizes the init image's latent: use it in img2img (guidance works in txt2img)"
+            )
         if settings.style.pairing == "each" and len(refs) not in (1, batch):
             raise FIELD_BY_KEY["style_reference"].error(
                 f"with 'Several style images' each, give one style image for all images or one per image of the "
@@ -48,6 +56,42 @@ class StyleInputs:
         init = getattr(p, "init_latent", None)
         self.content = init.detach().clone() if isinstance(init, torch.Tensor) else None
         self.seeds = [int(x) for x in (getattr(p, "seeds", None) or getattr(p, "all_seeds", None) or [0])]
+
+    def sampler_function(self) -> Callable[..., torch.Tensor] | None:
+        """Mode transfer: the function that replaces the host's k-diffusion sampling function for the sampling
+        call.  It ignores the noised latent it is given and optimizes the content (init) latent instead: at each of
+        the host's steps one model call with the latent fed clean at the step's timestep
+        (:func:`core.transfer_timesteps`), during which the hooks take one Adam step (:attr:`transfer`); the host's
+        progress callback runs after each.  It returns the optimized latent, which the host decodes."""
+        st = self.settings
+        if st is None or st.mode != "transfer" or st.transfer_lr <= 0:
+            return None
+
+        def transfer(model, x, extra_args=None, callback=None, disable=None, sigmas=None, **_):
+            if sigmas is None:
+                raise FIELD_BY_KEY["style_mode"].error(
+                    "transfer needs a k-diffusion sampler (Euler, DPM++ 2M, ...; it only sets the step count), "
+                    "not a timestep sampler such as DDIM, PLMS or UniPC"
+                )
+            if self.content is None:
+                raise FIELD_BY_KEY["style_mode"].error("transfer found no init latent to optimize (img2img only)")
+            table = core.sd_sigmas()
+            steps = core.transfer_timesteps(len(sigmas) - 1, float(sigmas[0]))
+            self.transfer = core.TransferState.start(self.content.to(x.device), st.transfer_lr)
+            try:
+                for i, t in enumerate(steps):
+                    sigma = float(table[t])
+                    x_in = (self.transfer.z.detach() * math.sqrt(1 + sigma**2)).to(x.dtype)
+                    sig = torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype)
+                    model(x_in, sig, **(extra_args or {}))
+                    if callback is not None:
+                        z = self.transfer.z.detach().to(x.dtype)
+                        callback({"x": x_in, "i": i, "sigma": sig, "sigma_hat": sig, "denoised": z})
+                return self.transfer.z.detach().to(x.dtype)
+            finally:
+                self.transfer = None
+
+        return transfer
 
     def ref_index(self, n_images: int) -> list[tuple[int, ...]]:
         """The style images each image attends to: all of them (pairing ``all``), else its own (``each``)."""

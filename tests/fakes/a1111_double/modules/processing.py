@@ -199,6 +199,7 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         self.color_corrections = None
 
     def init(self, all_prompts, all_seeds):
+        self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)  # A1111 1.10: in init
         imgs = []
         for im in self.init_images:
             im = im.convert("RGB").resize((self.width, self.height), Image.LANCZOS)
@@ -220,7 +221,6 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         self.image_conditioning = self.img2img_image_conditioning(batch, self.init_latent, image_mask, True)
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
-        self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
         x = create_noise(seeds, self.init_latent.shape[1:])
         if self.scripts is not None:
             self.scripts.process_before_every_sampling(self, x=self.init_latent, noise=x, c=conditioning,

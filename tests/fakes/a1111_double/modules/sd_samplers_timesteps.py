@@ -1,6 +1,8 @@
 """Double of modules/sd_samplers_timesteps.py: DDIM on the eps path.  The inner model returns eps and the
 "sigma" the CFG denoiser sees is the UNet timestep; the mask is blended before the model call."""
 
+import inspect
+
 import torch
 from modules import sd_samplers_common, shared
 from modules.sd_samplers_cfg_denoiser import CFGDenoiser
@@ -30,6 +32,15 @@ class CompVisSampler(sd_samplers_common.Sampler):
         super().__init__("ddim")
         self.name = name
         self.model_wrap_cfg = CFGDenoiserTimesteps(self)
+        # A1111 calls ``self.func(model, x, extra_args=, disable=, callback=, timesteps=)`` (a script may replace it)
+        self.func = self._ddim_func
+
+    def _ddim_func(self, model, x, timesteps, extra_args=None, callback=None, disable=None):
+        return self._ddim(self.p, x, timesteps, extra_args or {})
+
+    def _call_func(self, x, ts, extra):
+        kw = {"timesteps": ts} if "timesteps" in inspect.signature(self.func).parameters else {}
+        return self.func(self.model_wrap_cfg, x, extra_args=extra, disable=False, callback=self.callback_state, **kw)
 
     @staticmethod
     def timesteps(steps):
@@ -65,7 +76,7 @@ class CompVisSampler(sd_samplers_common.Sampler):
         den.steps = den.total_steps = steps
         ts = self.timesteps(steps)
         extra = self._extra(p, conditioning, unconditional_conditioning, image_conditioning)
-        return self.launch_sampling(steps, lambda: self._ddim(p, x, ts, extra))
+        return self.launch_sampling(steps, lambda: self._call_func(x, ts, extra))
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
@@ -80,4 +91,4 @@ class CompVisSampler(sd_samplers_common.Sampler):
         xi = a.sqrt() * x + (1 - a).sqrt() * noise
         self.last_latent = x
         extra = self._extra(p, conditioning, unconditional_conditioning, image_conditioning)
-        return self.launch_sampling(t_enc + 1, lambda: self._ddim(p, xi, ts, extra))
+        return self.launch_sampling(t_enc + 1, lambda: self._call_func(xi, ts, extra))
