@@ -136,6 +136,8 @@ TABLE = [
      "the batch (1), got 3"),
     ("style-adain-mode", style(GOOD, adain_mode="clean"), "AdaIN on (style.adain_mode): expected one of noisy, denoised"),
     ("style-pairing", style(GOOD, pairing=2), "Several style images (style.pairing): expected one of all, each"),
+    ("style-mode", style(GOOD, mode="optimize"), "Mode (style.mode): expected one of guidance, transfer"),
+    ("style-transfer-lr", style(GOOD, transfer_lr=0.9), "Transfer learning rate (style.transfer_lr)"),
     ("style-iters-zero", style(GOOD, iters=0), "(style.iters): 0 is out of range"),
     ("style-iters-fraction", style(GOOD, iters=2.5), "(style.iters): expected a whole number"),
     ("style-strength-nan", style(GOOD, strength="nan"), "Strength (style.strength): expected a finite number"),

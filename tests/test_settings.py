@@ -49,6 +49,8 @@ EXAMPLE_ALL = {
     "style_hires_strength": 0.02,
     "style_adain_mode": "denoised",
     "style_pairing": "each",
+    "style_mode": "transfer",
+    "style_transfer_lr": 0.1,
     "seg_enabled": True,
     "seg_scale": 2.5,
     "seg_blur_sigma": 4.0,
