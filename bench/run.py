@@ -297,7 +297,7 @@ def _img2img_ratio(args: argparse.Namespace, name: str, init, on: list, note: st
             plain_t.append(timed(off))
             on_t.append(timed(on))
     print(
-        f"size {args.size} ({size}px, batch {args.batch}, {args.steps} steps x {args.repeat} runs, "
+        f"size {args.size} ({size}px, batch {args.batch}, {base['steps']} steps x {args.repeat} runs, "
         f"CFG {base['cfg_scale']:g}, torch threads {torch.get_num_threads()}; {note})"
     )
     ratios = {}
@@ -319,6 +319,15 @@ def bench_colorize(args: argparse.Namespace) -> float:
         "guidance 10, empty prompt: the uncond rows are the plain rows, the reference streams at the default half side"
     )
     return _img2img_ratio(args, "colorize", init, on, note)
+
+
+def bench_colorize_paper(args: argparse.Namespace) -> float:
+    """Reference colorization in the paper's regime (3 inversions, 3 passes of 5 steps, 2 re-inversions) against
+    a plain 20-step img2img at strength 0.5 (10 steps), CFG 1, empty prompt."""
+    init = _photo("cheetah1.jpg").convert("L").convert("RGB")
+    on = [{"colorize": {"reference": _photo("lion.jpg"), "paper": True}}]
+    note = "paper's regime, 3 passes; plain: 20 steps at strength 0.5"
+    return _img2img_ratio(args, "colorize_paper", init, on, note, steps=20, denoising_strength=0.5)
 
 
 def bench_style_transfer(args: argparse.Namespace) -> float:
@@ -713,6 +722,7 @@ def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
 BENCHES = {
     **{name: bench_guidance for name in GUIDANCE},
     "colorize": bench_colorize,
+    "colorize_paper": bench_colorize_paper,
     "style": bench_style,
     "style_transfer": bench_style_transfer,
     "style_memory": bench_style_memory,

@@ -102,3 +102,11 @@ def gaussian_blur(m: Tensor, sigma: float, size: int | None = None, mode: str = 
     x = F.pad(x, (0, 0, r, r), mode=mode)
     x = F.conv2d(x, k.view(1, 1, -1, 1))
     return x.reshape(shape)
+
+
+def sd_sigmas() -> torch.Tensor:
+    """k-diffusion sigma of each of SD's 1000 training timesteps (scaled-linear betas 0.00085-0.012, float64),
+    shared by SD1.x, SD2.x and SDXL."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - betas, 0)
+    return ((1 - a) / a).sqrt()

@@ -107,6 +107,8 @@ TABLE = [
     ("colorize-guidance", colorize(GOOD, guidance=0), "(colorize.guidance): 0 is out of range"),
     ("colorize-strength", colorize(GOOD, strength=1.5), "(colorize.strength): 1.5 is out of range"),
     ("colorize-layers", colorize(GOOD, layers="input.99"), "(colorize.layers): 'input.99' matched no layer"),
+    ("colorize-paper", colorize(GOOD, paper="sometimes"), "(colorize.paper)"),
+    ("colorize-passes", colorize(GOOD, paper=True, passes=9), "(colorize.passes): 9 is out of range"),
     ("colorize-in-txt2img", ("txt2img", [{"colorize": {"reference": GOOD}}]), "(colorize.enabled): reference "
                                                                                "colorization works in img2img"),
     ("reference-missing", ("img2img", [{"colorize": {}}]), "(colorize.reference): reference colorization is on "

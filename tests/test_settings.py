@@ -51,6 +51,8 @@ EXAMPLE_ALL = {
     "style_pairing": "each",
     "style_mode": "transfer",
     "style_transfer_lr": 0.1,
+    "colorize_paper": True,
+    "colorize_passes": 2,
     "seg_enabled": True,
     "seg_scale": 2.5,
     "seg_blur_sigma": 4.0,

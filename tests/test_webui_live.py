@@ -291,6 +291,33 @@ def test_reference_colorization_in_img2img():
     assert status >= 400 and "works in img2img" in json.dumps(err)
 
 
+def test_reference_colorization_paper_regime():
+    """The paper's regime through the API: the output keeps the input's lightness and has colour, the infotext
+    records the regime and its passes and pastes back; a mask or a timestep sampler is refused naming
+    colorize.paper; the WebUI keeps serving."""
+    from lib_attn import color
+
+    src = _photo("cheetah1.jpg", (SIZE, SIZE))
+    ref = "data:image/png;base64," + encode(_photo("lion.jpg"))
+    payload = {**BASE, "prompt": "", "negative_prompt": "", "init_images": [encode(src)], "denoising_strength": 0.5,
+               "alwayson_scripts": {TITLE: {"args": [{"colorize": {"reference": ref, "paper": True, "passes": 2}}]}}}
+    body = ok(call("/sdapi/v1/img2img", payload))
+    out = Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).convert("RGB")
+    lab_in, lab_out = (color.rgb_to_lab(color.pil_to_tensor(im)).numpy() for im in (src, out))
+    mse = float(np.mean((lab_in[0] - lab_out[0]) ** 2))
+    assert 10 * np.log10(100.0**2 / max(mse, 1e-12)) >= 45.0
+    assert np.abs(lab_out[1:]).mean() > 1.0
+    text = infotext(body)
+    assert "Colorize paper: True" in text and "Colorize passes: 2" in text
+    parsed = ok(call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][0]}))
+    assert parsed["parameters"].get("Colorize passes") in ("2", 2)
+    status, err = call("/sdapi/v1/img2img", {**payload, "sampler_name": "DDIM"})
+    assert status >= 400 and "(colorize.paper)" in json.dumps(err)
+    status, err = call("/sdapi/v1/img2img", {**payload, "mask": encode(src.convert("L"))})
+    assert status >= 400 and "(colorize.paper)" in json.dumps(err)
+    ok(call("/sdapi/v1/img2img", {**payload, "alwayson_scripts": {}}))
+
+
 def test_style_reference():
     """Style reference through the API: txt2img (the image changes, infotext records it, a plain run afterwards is
     identical to one before), img2img with the content loss, hires fix with the style in both passes, an XYZ axis

@@ -1,4 +1,4 @@
-"""What the methods' run objects ask of the WebUI, in one place: VAE encoding, the models folder, the cheap latent
+"""What the methods' run objects ask of the WebUI, in one place: VAE encoding and decoding, the models folder, the cheap latent
 preview, the negative prompts' conditioning and the sampler's call count.  Each function imports the host's modules when called (A1111 and the
 Forge family share these modules)."""
 
@@ -19,6 +19,15 @@ class HostServices:
         from modules import sd_samplers_common
 
         return sd_samplers_common.images_tensor_to_samples(images, None, p.sd_model)
+
+    @staticmethod
+    def decode(p: Any, z: torch.Tensor) -> torch.Tensor:
+        """VAE-decode latents with the full VAE the way the host does: images (B, 3, H, W) in [0, 1]."""
+        from modules import sd_samplers_common
+
+        with torch.no_grad():
+            x = sd_samplers_common.samples_to_images_tensor(z, 0, p.sd_model)
+        return ((x.float() + 1) / 2).clamp(0, 1)
 
     @staticmethod
     def models_dir(name: str) -> str:

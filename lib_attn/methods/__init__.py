@@ -33,6 +33,8 @@ ORDER: tuple = (
     (style.METHOD, "pairing"),
     (style.METHOD, "mode"),
     (style.METHOD, "transfer_lr"),
+    (colorize.METHOD, "paper"),
+    (colorize.METHOD, "passes"),
 )
 
 METHODS: tuple[Method, ...] = tuple(dict.fromkeys(e if isinstance(e, Method) else e[0] for e in ORDER))

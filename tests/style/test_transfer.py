@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_attn import color
+from lib_attn import color, ops
 from lib_attn import settings as S
 from lib_attn.methods.style import core as style
 from tests.fakes.a1111_double import a1111_host
@@ -29,12 +29,12 @@ def transfer_args(reference, **kw):
 
 def test_timesteps_are_the_official_ddim_schedule():
     """diffusers' DDIM ``leading`` spacing: 200 steps from the top are 996, 991, ..., 1; other counts likewise."""
-    top = float(style.sd_sigmas()[-1])
+    top = float(ops.sd_sigmas()[-1])
     assert style.transfer_timesteps(200, top) == list(range(996, 0, -5))
     assert style.transfer_timesteps(4, top) == [751, 501, 251, 1]
     assert style.transfer_timesteps(3, top) == [667, 334, 1]
     # a lower start (denoising strength below 1) covers the timesteps up to its sigma
-    mid = float(style.sd_sigmas()[499])
+    mid = float(ops.sd_sigmas()[499])
     assert style.transfer_timesteps(5, mid) == [401, 301, 201, 101, 1]
 
 
@@ -89,7 +89,7 @@ def _run_and_reference(host, ref, init, weight, **extra):
         with torch.no_grad():
             px = color.pil_to_tensor(img)[None].to(content.dtype) * 2 - 1
             z_style = model.get_first_stage_encoding(model.encode_first_stage(px))
-        steps = style.transfer_timesteps(KW["steps"], float(style.sd_sigmas()[-1]))
+        steps = style.transfer_timesteps(KW["steps"], float(ops.sd_sigmas()[-1]))
         want, want_losses = official_transfer(model, content, z_style, steps, weight=weight)
         losses = [step[0] for step in seen[-1].runs["style"].losses]
     return out, content, want, losses, want_losses, len(seen_p)

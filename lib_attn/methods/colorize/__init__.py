@@ -139,6 +139,27 @@ FIELDS = (
     ),
     Field(
         NAME,
+        "paper",
+        label="Paper's regime (DDIM inversion, 5 steps, repeated passes)",
+        infotext="Colorize paper",
+        kind="bool",
+        default=False,
+        help="Run the official regime instead of the img2img sampling: the gray input and the references DDIM-inverted to t = 121 (sigma 0.39), 5 deterministic steps from there at CFG 1, and the whole pass repeated (the output, recombined with the input's lightness, inverted again). The sampler, steps, denoising strength and CFG scale are not used; the reference streams run at full size.",
+    ),
+    Field(
+        NAME,
+        "passes",
+        label="Passes (paper's regime)",
+        infotext="Colorize passes",
+        kind="int",
+        default=3,
+        minimum=1,
+        maximum=5,
+        step=1,
+        help="How often the paper's regime repeats its inversion and 5 steps (paper: 3).",
+    ),
+    Field(
+        NAME,
         "reference_scale",
         label="Reference streams' resolution",
         infotext="Colorize reference scale",
@@ -166,6 +187,7 @@ def plan(c: Any, ctx: PlanContext) -> core.ColorizePlan | None:
             widths=ctx.widths or dict.fromkeys(ctx.available, 0),
             fine=core.LayerParams(c.gamma_fine, c.beta_fine),
             coarse=core.LayerParams(c.gamma_coarse, c.beta_coarse),
+            paper=c.paper,
         )
 
 

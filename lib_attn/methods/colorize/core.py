@@ -153,9 +153,10 @@ class ColorizePlan:
     end: float
     layers: tuple[LayerKey, ...]
     params: tuple[LayerParams, ...]  # per layer
+    paper: bool = False  # the paper's regime: every step of its own loop transfers
 
     def active_at(self, step: int, total: int) -> bool:
-        return active_at(step, total, self.start, self.end)
+        return self.paper or active_at(step, total, self.start, self.end)
 
     @property
     def needs_plain_rows(self) -> bool:
@@ -196,11 +197,26 @@ def build_plan(
     widths: dict[LayerKey, int],
     fine: LayerParams,
     coarse: LayerParams,
+    paper: bool = False,
 ) -> ColorizePlan:
     sel = default_selector(available) if selector.strip().lower() in ("", DEFAULT_LAYERS) else selector
     layers = tuple(select(sel, available, attn="attn1"))
     params = layer_params(layers, [widths[k] for k in layers], fine, coarse)
-    return ColorizePlan(guidance_scale, strength, start, end, layers, params)
+    return ColorizePlan(guidance_scale, strength, start, end, layers, params, paper)
+
+
+# ---- the paper's regime -------------------------------------------------------------------------------
+
+PAPER_INVERSION = (1, 21, 41, 61, 81, 101, 121)  # DDIM inversion on the 50-step grid: 6 model calls, to t = 121
+PAPER_SAMPLING = (121, 101, 81, 61, 41)  # then 5 deterministic steps, the last to the clean latent
+
+
+def ddim_move(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """Deterministic DDIM (eta 0) from ``sigma`` to ``sigma_next`` in k-diffusion units, both ways (inversion when
+    ``sigma_next`` is higher): the denoised prediction kept, the noise part rescaled; to 0 it is the prediction."""
+    if sigma_next <= 0:
+        return denoised
+    return denoised + (x - denoised) * (sigma_next / sigma)
 
 
 def capture(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -42,7 +42,10 @@ class Hooks(A1111Hooks):
         self.feats: dict = {}  # layer path -> {stream: {source: (q, k, v)}}
 
     def begin_sampling(self) -> None:
-        self.run.encode(self.ctx.p, self.ctx.services.encode)
+        self.run.begin(self.ctx.p, self.ctx.services)
+
+    def sampler_function(self) -> Any:
+        return self.run.sampler_function()
 
     def install(self, plan: Any, unet: Any, patches: Any) -> None:
         if plan is None:
@@ -53,7 +56,7 @@ class Hooks(A1111Hooks):
     def step_active(self) -> bool:
         ctx, plan = self.ctx, self.ctx.plan.colorize
         self.plain_scale, self.plain_out, self.feats = None, None, {}
-        self.active = plan is not None and plan.active_at(ctx.step, ctx.total_steps)
+        self.active = plan is not None and not self.run.inverting and plan.active_at(ctx.step, ctx.total_steps)
         return self.active
 
     def rows(self, params: Any, layout: Any) -> tuple[list, list]:
@@ -137,7 +140,7 @@ class Hooks(A1111Hooks):
         for name, z, noise, src, owner in (
             ("col_in", ci.z_in, ci.noise_in, images, images),
             ("col_ref", ci.z_ref, ci.noise_ref, refs, [ref_of.index(r) for r in refs]),
-            ("col_refg", ci.z_refg, ci.noise_ref, refs, [ref_of.index(r) for r in refs]),
+            ("col_refg", ci.z_refg, ci.noise_refg, refs, [ref_of.index(r) for r in refs]),
         ):
             at = [first[i] for i in owner]
             sigma = params.sigma[at]

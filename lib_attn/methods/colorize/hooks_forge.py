@@ -20,7 +20,10 @@ class Hooks(ForgeHooks):
         self.feats_sigma: float | None = None
 
     def begin_sampling(self) -> None:
-        self.run.encode(self.ctx.p, self.ctx.services.encode)
+        self.run.begin(self.ctx.p, self.ctx.services)
+
+    def sampler_function(self) -> Any:
+        return self.run.sampler_function()
 
     def install(self, plan: Any) -> dict:
         self.params = {}
@@ -32,7 +35,7 @@ class Hooks(ForgeHooks):
 
     def post_cfg(self, args: dict, denoised: Any) -> Any:
         c, ctx = self.ctx.plan.colorize, self.ctx
-        if c is None or not c.needs_plain_rows or not c.active_at(ctx.step, ctx.total_steps):
+        if c is None or not c.needs_plain_rows or self.run.inverting or not c.active_at(ctx.step, ctx.total_steps):
             return denoised
         # colorization guidance: one cond-only call without the transfer gives the plain prediction
         options = with_transformer_option(args["model_options"], MODE, "off")
@@ -45,7 +48,7 @@ class Hooks(ForgeHooks):
         x, t, c = args["input"], args["timestep"], args["c"]
         to = c.get("transformer_options", {})
         plan, ctx = self.ctx.plan.colorize, self.ctx
-        if plan is None or to.get(MODE) == "off" or not plan.active_at(ctx.step, ctx.total_steps):
+        if plan is None or to.get(MODE) == "off" or self.run.inverting or not plan.active_at(ctx.step, ctx.total_steps):
             return apply_model(x, t, **c)
         n_images = self.run.z_in.shape[0]
         sigma = float(t[0])
@@ -66,7 +69,7 @@ class Hooks(ForgeHooks):
         streams = [
             ("col_in", list(range(n_images)), list(range(n_images)), ci.z_in, ci.noise_in),
             ("col_ref", refs, ref_owners, ci.z_ref[refs], ci.noise_ref[refs]),
-            ("col_refg", refs, ref_owners, ci.z_refg[refs], ci.noise_ref[refs]),
+            ("col_refg", refs, ref_owners, ci.z_refg[refs], ci.noise_refg[refs]),
         ]
         self.feats = {}
         for size in dict.fromkeys(tuple(z.shape[-2:]) for *_, z, _ in streams):

@@ -33,7 +33,7 @@ from torch import nn
 
 from lib_attn.layers import LayerKey, select
 from lib_attn.methods.colorize.core import default_selector
-from lib_attn.ops import active_at, attention
+from lib_attn.ops import active_at, attention, sd_sigmas
 
 Tensor = torch.Tensor
 
@@ -351,14 +351,6 @@ def latent_grad(
 
 
 # ---- style transfer by optimization (the paper's, with a content image) -------------------------------
-
-
-def sd_sigmas() -> Tensor:
-    """k-diffusion sigma of each of SD's 1000 training timesteps (scaled-linear betas 0.00085-0.012, float64),
-    shared by SD1.x, SD2.x and SDXL."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    a = torch.cumprod(1 - betas, 0)
-    return ((1 - a) / a).sqrt()
 
 
 def transfer_timesteps(n: int, sigma_start: float) -> list[int]:

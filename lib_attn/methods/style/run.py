@@ -75,7 +75,7 @@ class StyleInputs:
                 )
             if self.content is None:
                 raise FIELD_BY_KEY["style_mode"].error("transfer found no init latent to optimize (img2img only)")
-            table = core.sd_sigmas()
+            table = ops.sd_sigmas()
             steps = core.transfer_timesteps(len(sigmas) - 1, float(sigmas[0]))
             self.transfer = core.TransferState.start(self.content.to(x.device), st.transfer_lr)
             try:
