@@ -41,6 +41,7 @@ class Field:
     step: float | None = None
     choices: tuple[str, ...] | None = None
     help: str = ""
+    options: str | None = None  # kind "str": a list of the WebUI's the UI offers ("checkpoints"); any text is kept
 
     @property
     def key(self) -> str:

@@ -133,6 +133,12 @@ def make_component(f: S.Field, elem_id: str, info: str | None = None) -> Any:
         choices = list(f.choices or ())
         cls = gr.Radio if len(choices) <= RADIO_MAX_CHOICES else gr.Dropdown
         return cls(choices=choices, value=f.default, **_with_info(cls, common, f.help))
+    if f.kind == "str" and f.options == "checkpoints":
+        from lib_attn import host
+
+        kwargs = {"allow_custom_value": True} if _accepts(gr.Dropdown, "allow_custom_value") else {}
+        choices = ["", *host.checkpoint_titles()]
+        return gr.Dropdown(choices=choices, value=f.default or "", **kwargs, **_with_info(gr.Dropdown, common, f.help))
     if f.kind == "str":
         return gr.Textbox(value=f.default or "", lines=1, max_lines=1, **_with_info(gr.Textbox, common, f.help))
     if f.kind == "image":

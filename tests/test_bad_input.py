@@ -155,6 +155,8 @@ TABLE = [
     ("edit-mask-threshold", ("img2img", [{"edit_mask": {"threshold": 1.5}}]),
      "(edit_mask.threshold): 1.5 is out of range"),
     ("edit-mask-grow-fraction", ("img2img", [{"edit_mask": {"grow": 2.5}}]), "(edit_mask.grow): expected a whole"),
+    ("edit-mask-inpaint-model", ("img2img", [{"edit_mask": {"final": "inpaint", "inpaint_model": "nope.ckpt"}}]),
+     "(edit_mask.inpaint_model): no checkpoint named 'nope.ckpt'"),
     ("edit-mask-similarities", ("img2img", [{"edit_mask": {"other_similarity": 0.95}}]),
      "(edit_mask.other_similarity): 0.95 must not be above the object word similarity (0.9)"),
     ("edit-mask-final", ("img2img", [{"edit_mask": {"final": "sometimes"}}]),

@@ -53,6 +53,7 @@ EXAMPLE_ALL = {
     "style_transfer_lr": 0.1,
     "colorize_paper": True,
     "colorize_passes": 2,
+    "edit_mask_inpaint_model": "sd-inpainting.safetensors",
     "seg_enabled": True,
     "seg_scale": 2.5,
     "seg_blur_sigma": 4.0,

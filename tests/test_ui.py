@@ -107,6 +107,10 @@ def test_one_component_per_field_in_order(gr, built, tab):
             assert isinstance(c, (gr.Radio, gr.Dropdown))
             assert _choices(c) == list(f.choices)
             assert c.value == f.default
+        elif f.kind == "str" and f.options == "checkpoints":  # the WebUI's checkpoint list, any name typed too
+            assert isinstance(c, gr.Dropdown), f.key
+            assert c.value == f.default and "" in _choices(c)
+            assert getattr(c, "allow_custom_value", True)
         elif f.kind == "str":
             assert isinstance(c, gr.Textbox)
             assert c.value == f.default

@@ -76,6 +76,17 @@ def adapter() -> ModuleType:
     return importlib.import_module(f"lib_attn.host.{kind}")
 
 
+def checkpoint_titles() -> list[str]:
+    """The WebUI's checkpoint list, as its own checkpoint dropdown shows it (empty where it cannot be read)."""
+    try:
+        from modules import sd_models
+
+        return list(sd_models.checkpoint_tiles())
+    except Exception as e:  # the UI still builds; the field takes any name
+        log.warning("[Attention Toolkit] no checkpoint list: %s", e)
+        return []
+
+
 def settings_for(p: Any, args: tuple) -> S.Settings:
     """Script args, then overrides that XYZ axes put on ``p``.  Raises SettingsError."""
     settings = S.from_args(args)

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import torch
+from PIL import Image
 
 
 class HostServices:
@@ -28,6 +29,64 @@ class HostServices:
         with torch.no_grad():
             x = sd_samplers_common.samples_to_images_tensor(z, 0, p.sd_model)
         return ((x.float() + 1) / 2).clamp(0, 1)
+
+    @staticmethod
+    def find_checkpoint(name: str) -> str | None:
+        """The title of the WebUI's checkpoint that ``name`` names (its title, name or hash, as the WebUI matches
+        them), or None."""
+        from modules import sd_models
+
+        info = sd_models.get_closet_checkpoint_match(name)
+        return None if info is None else str(info.title)
+
+    @staticmethod
+    def inpaint_with(p: Any, index: int, mask: Image.Image, checkpoint: str) -> Image.Image:
+        """Image ``index`` of the batch in progress re-rendered as the host's own img2img inpainting of the init image
+        inside ``mask`` (white = regenerate) at full strength with the checkpoint ``checkpoint`` (the WebUI switches
+        to it through ``override_settings``, as for any request): the same prompt, seed, sampler, steps, CFG and
+        size, no scripts.  The generation's own model is loaded back afterwards (A1111 leaves the override's
+        loaded, Forge reloads lazily), so its next batch samples with it."""
+        from modules import processing, sd_models, shared
+
+        inits = list(getattr(p, "init_images", None) or [])
+        pick = index if len(inits) > 1 else 0
+        kw = dict(
+            prompt=p.prompts[index],
+            negative_prompt=p.negative_prompts[index],
+            seed=int(p.seeds[index]),
+            sampler_name=p.sampler_name,
+            steps=int(p.steps),
+            cfg_scale=float(p.cfg_scale),
+            width=int(p.width),
+            height=int(p.height),
+            init_images=[inits[pick]],
+            mask=mask,
+            mask_blur=0,
+            inpainting_fill=1,
+            resize_mode=int(getattr(p, "resize_mode", 0) or 0),
+            denoising_strength=1.0,
+            batch_size=1,
+            n_iter=1,
+            do_not_save_samples=True,
+            do_not_save_grid=True,
+            override_settings={"sd_model_checkpoint": checkpoint},
+            override_settings_restore_afterwards=True,
+        )
+        if getattr(p, "scheduler", None) is not None:
+            kw["scheduler"] = p.scheduler
+        q = processing.StableDiffusionProcessingImg2Img(**kw)
+        q.scripts, q.script_args = None, []
+        before = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        try:
+            return processing.process_images(q).images[0]
+        finally:
+            if before is not None and getattr(shared.sd_model, "sd_checkpoint_info", None) is not before:
+                if hasattr(sd_models, "forge_model_reload"):
+                    sd_models.forge_model_reload()  # the option is back: Forge loads the generation's model again
+                else:
+                    sd_models.reload_model_weights(info=before)
+                if "sd_model" in vars(p):  # Forge keeps the model on p
+                    p.sd_model = shared.sd_model
 
     @staticmethod
     def models_dir(name: str) -> str:

@@ -35,6 +35,7 @@ ORDER: tuple = (
     (style.METHOD, "transfer_lr"),
     (colorize.METHOD, "paper"),
     (colorize.METHOD, "passes"),
+    (edit_mask.METHOD, "inpaint_model"),
 )
 
 METHODS: tuple[Method, ...] = tuple(dict.fromkeys(e if isinstance(e, Method) else e[0] for e in ORDER))

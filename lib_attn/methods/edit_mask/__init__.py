@@ -152,6 +152,16 @@ FIELDS = (
         choices=("blend", "inpaint"),
         help="blend: the edited latent is the result. inpaint: then one more img2img inpainting pass over the init image with the final mask and the same prompt, steps and strength (the paper's fallback; best with an inpainting checkpoint).",
     ),
+    Field(
+        NAME,
+        "inpaint_model",
+        label="Inpainting checkpoint (final pass)",
+        infotext="Edit mask inpaint model",
+        kind="str",
+        default="",
+        options="checkpoints",
+        help="Final pass inpaint: re-render each image with this checkpoint (an inpainting one, as the paper's pipeline) at full strength inside the mask, over the init image; the WebUI switches to it and back. Empty: the loaded model at the generation's strength.",
+    ),
 )
 
 
@@ -175,7 +185,7 @@ def plan(e: Any, ctx: PlanContext) -> core.EditMaskPlan | None:
 def _run(p: Any, settings: Any, services: Any) -> Any:
     from lib_attn.methods.edit_mask.run import EditMaskRun
 
-    return EditMaskRun.prepare(p, settings)
+    return EditMaskRun.prepare(p, settings, services)
 
 
 METHOD = Method(

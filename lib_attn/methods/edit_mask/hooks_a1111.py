@@ -36,7 +36,7 @@ class Hooks(A1111Hooks):
         """The optional final inpainting pass: the host samples once more, as an inpainting run with the final
         masks."""
         run = self.run
-        if run.settings.final != "inpaint" or run.final is None:
+        if not run.inpaints_in_place or run.final is None:
             return None
         return run.inpainting(self.ctx.p)
 

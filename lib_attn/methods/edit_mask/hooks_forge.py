@@ -45,7 +45,7 @@ class Hooks(ForgeHooks):
 
     def follow_up(self) -> Any:
         run = self.run
-        if run.settings.final != "inpaint" or run.final is None:
+        if not run.inpaints_in_place or run.final is None:
             return None
         return run.inpainting(self.ctx.p)
 

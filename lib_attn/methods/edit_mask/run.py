@@ -46,8 +46,10 @@ def token_counter(sd_model: Any) -> Callable[[str], int]:
 class EditMaskRun:
     """State of the automatic edit mask over one generation (all its batches)."""
 
-    def __init__(self, settings: Any):
+    def __init__(self, settings: Any, p: Any = None, services: Any = None, checkpoint: str | None = None):
         self.settings = settings
+        self.p, self.services = p, services
+        self.checkpoint = checkpoint  # the final pass's inpainting checkpoint (its WebUI title), None: the loaded model
         self.plan: em.EditMaskPlan | None = None
         self.results: list[Tensor] = []  # final (h, w) masks of every image so far, in output order
         self.sizes: list[tuple[int, int]] = []  # the image size of each result
@@ -55,12 +57,33 @@ class EditMaskRun:
         self._reset()
 
     @classmethod
-    def prepare(cls, p: Any, settings: Settings) -> EditMaskRun:
+    def prepare(cls, p: Any, settings: Settings, services: Any = None) -> EditMaskRun:
         if not getattr(p, "init_images", None):
             raise FIELD_BY_KEY["edit_mask_enabled"].error(
                 "the automatic edit mask works in img2img (it keeps the init image outside the mask)"
             )
-        return cls(settings.edit_mask)
+        e, checkpoint = settings.edit_mask, None
+        if e.final == "inpaint" and e.inpaint_model.strip():
+            checkpoint = services.find_checkpoint(e.inpaint_model.strip()) if services is not None else None
+            if checkpoint is None:
+                raise FIELD_BY_KEY["edit_mask_inpaint_model"].error(
+                    f"no checkpoint named {e.inpaint_model.strip()!r} in the WebUI's list"
+                )
+        return cls(e, p, services, checkpoint)
+
+    @property
+    def inpaints_in_place(self) -> bool:
+        """The final pass samples once more inside the generation (the loaded model), not per image afterwards."""
+        return self.settings.final == "inpaint" and self.checkpoint is None
+
+    def finish_image(self, index: int, image: Image.Image) -> Image.Image:
+        """With an inpainting checkpoint: image ``index`` of the batch re-rendered by it inside the final mask."""
+        if self.checkpoint is None or self.final is None or index >= self.final.shape[0]:
+            return image
+        m = self.final[index, 0].detach().float().cpu()
+        up = F.interpolate(m[None, None], size=(image.size[1], image.size[0]), mode="bilinear", align_corners=False)
+        mask = Image.fromarray((up[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")
+        return self.services.inpaint_with(self.p, index, mask, self.checkpoint)
 
     def _reset(self) -> None:
         self.builders: list[em.MaskBuilder] | None = None

@@ -71,6 +71,7 @@ class StableDiffusionProcessing:
         self.refiner_checkpoint_info = sd_models.get_closet_checkpoint_match(refiner_checkpoint) if refiner_checkpoint else None
         self.refiner_switch_at = refiner_switch_at
         self.override_settings = override_settings or {}
+        self.override_settings_restore_afterwards = kwargs.pop("override_settings_restore_afterwards", True)
         self.extra_generation_params = {}
         self.is_api = False
         self.is_hr_pass = False
@@ -232,14 +233,38 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         return samples
 
 
+_depth = [0]  # state.begin/end stand for the UI's / API's job wrapper: only around the outermost call
+
+
 def process_images(p):
-    state.begin()
+    """As A1111 1.10: ``override_settings`` set as options for this call (a checkpoint override loads that
+    checkpoint; an unknown or absent one loads the option's), put back afterwards with
+    ``override_settings_restore_afterwards`` (the option only: A1111 leaves the override's model loaded)."""
+    from modules import sd_models
+
+    outer = _depth[0] == 0
+    if outer:
+        state.begin()
+    _depth[0] += 1
     if p.scripts is not None:
         p.scripts.before_process(p)
+    stored = {k: getattr(shared.opts, k) for k in p.override_settings if hasattr(shared.opts, k)}
     try:
+        if sd_models.get_closet_checkpoint_match(p.override_settings.get("sd_model_checkpoint")) is None:
+            p.override_settings.pop("sd_model_checkpoint", None)
+            sd_models.reload_model_weights()
+        for k, v in p.override_settings.items():
+            setattr(shared.opts, k, v)
+            if k == "sd_model_checkpoint":
+                sd_models.reload_model_weights()
         return process_images_inner(p)
     finally:
-        state.end()
+        if p.override_settings_restore_afterwards:
+            for k, v in stored.items():
+                setattr(shared.opts, k, v)
+        _depth[0] -= 1
+        if outer:
+            state.end()
 
 
 def process_images_inner(p):

@@ -13,12 +13,22 @@ def register(title, factory):
     return info
 
 
+def checkpoint_tiles(use_short=False):
+    return list(checkpoints)
+
+
 def get_closet_checkpoint_match(title):
     entry = checkpoints.get(title)
     return entry[0] if entry else None
 
 
 def reload_model_weights(sd_model=None, info=None):
+    """A1111: ``info`` None loads the checkpoint the option ``sd_model_checkpoint`` names (when it is registered);
+    a given ``info`` stands for the UI's checkpoint choice, which sets the option first."""
+    if info is None:
+        info = get_closet_checkpoint_match(getattr(shared.opts, "sd_model_checkpoint", None))
+    elif info.title in checkpoints:
+        shared.opts.sd_model_checkpoint = info.title
     if info is None or getattr(shared.sd_model, "sd_checkpoint_info", None) == info:
         return shared.sd_model
     model = checkpoints[info.title][1]()
