@@ -422,6 +422,30 @@ def test_edit_mask():
     assert status >= 400 and "(edit_mask.enabled)" in json.dumps(err)
 
 
+def test_edit_mask_final_render_with_another_checkpoint():
+    """Final pass inpaint with a checkpoint of the WebUI's list (any second checkpoint; the paper's is an inpainting
+    one): the request succeeds, the infotext names it, the WebUI's selected checkpoint is the same afterwards and a
+    plain txt2img is pixel-identical to one before (the generation's own model is back); an unknown name is an
+    HTTP error naming edit_mask.inpaint_model.  Skipped where the WebUI lists one checkpoint only."""
+    models = ok(call("/sdapi/v1/sd-models"))
+    selected = ok(call("/sdapi/v1/options"))["sd_model_checkpoint"]
+    others = [m["title"] for m in models if m["title"] != selected]
+    if not others:
+        pytest.skip("the WebUI lists one checkpoint only")
+    before = pixels(ok(txt2img())["images"][0])
+    init = encode(_photo("cheetah1.jpg", (SIZE, SIZE)))
+    i2i = {**BASE, "prompt": "a tiger", "init_images": [init], "denoising_strength": 0.7, "batch_size": 2}
+    args = [{"edit_mask": {"final": "inpaint", "inpaint_model": others[0], "blur": 0}}]
+    body = ok(call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": args}}}))
+    assert len(body["images"]) == 4  # two results, two masks
+    assert f"Edit mask inpaint model: {others[0]}" in infotext(body)
+    assert ok(call("/sdapi/v1/options"))["sd_model_checkpoint"] == selected
+    assert np.array_equal(pixels(ok(txt2img())["images"][0]), before)
+    bad = [{"edit_mask": {"final": "inpaint", "inpaint_model": "no-such-model.safetensors"}}]
+    status, err = call("/sdapi/v1/img2img", {**i2i, "alwayson_scripts": {TITLE: {"args": bad}}})
+    assert status >= 400 and "(edit_mask.inpaint_model)" in json.dumps(err)
+
+
 def test_masked_upscaling_in_the_hires_pass_and_img2img():
     """Masked upscaling through the API with hires fix on (latent and image upscalers) and in an img2img upscale: the
     UNet source always; DINO when ``ATTN_WEBUI_DINO=1`` says the WebUI has ``models/dino/dino-vits8`` (else its

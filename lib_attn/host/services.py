@@ -40,11 +40,11 @@ class HostServices:
         return None if info is None else str(info.title)
 
     @staticmethod
-    def inpaint_with(p: Any, index: int, mask: Image.Image, checkpoint: str) -> Image.Image:
-        """Image ``index`` of the batch in progress re-rendered as the host's own img2img inpainting of the init image
-        inside ``mask`` (white = regenerate) at full strength with the checkpoint ``checkpoint`` (the WebUI switches
-        to it through ``override_settings``, as for any request): the same prompt, seed, sampler, steps, CFG and
-        size, no scripts.  The generation's own model is loaded back afterwards (A1111 leaves the override's
+    def masked_img2img(p: Any, index: int, mask: Image.Image, checkpoint: str) -> Image.Image:
+        """Image ``index`` of the batch in progress rendered again by the host's own img2img of the init image inside
+        ``mask`` (white = regenerate; its masked-content default) at full strength with the checkpoint
+        ``checkpoint`` (the WebUI switches to it through ``override_settings``, as for any request): the same
+        prompt, seed, sampler, steps, CFG and size, no scripts.  The generation's own model is loaded back afterwards (A1111 leaves the override's
         loaded, Forge reloads lazily), so its next batch samples with it."""
         from modules import processing, sd_models, shared
 
@@ -62,7 +62,6 @@ class HostServices:
             init_images=[inits[pick]],
             mask=mask,
             mask_blur=0,
-            inpainting_fill=1,
             resize_mode=int(getattr(p, "resize_mode", 0) or 0),
             denoising_strength=1.0,
             batch_size=1,

@@ -38,7 +38,7 @@ def test_final_pass_renders_with_the_inpainting_checkpoint_and_switches_back():
             q = p.StableDiffusionProcessingImg2Img(
                 prompt=BASE["prompt"], negative_prompt="", seed=BASE["seed"] + i, sampler_name="Euler",
                 steps=BASE["steps"], cfg_scale=BASE["cfg_scale"], width=96, height=80, init_images=[init],
-                mask=masks[i], mask_blur=0, inpainting_fill=1, denoising_strength=1.0,
+                mask=masks[i], mask_blur=0, denoising_strength=1.0,
                 override_settings={"sd_model_checkpoint": "tiny-inpainting"})
             q.scripts = None
             direct = p.process_images(q).images[0]

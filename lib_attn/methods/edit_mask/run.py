@@ -83,7 +83,7 @@ class EditMaskRun:
         m = self.final[index, 0].detach().float().cpu()
         up = F.interpolate(m[None, None], size=(image.size[1], image.size[0]), mode="bilinear", align_corners=False)
         mask = Image.fromarray((up[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")
-        return self.services.inpaint_with(self.p, index, mask, self.checkpoint)
+        return self.services.masked_img2img(self.p, index, mask, self.checkpoint)
 
     def _reset(self) -> None:
         self.builders: list[em.MaskBuilder] | None = None
