@@ -58,3 +58,14 @@ class Method:
             yield
         except LayerSelectorError as e:
             raise self.field(name).error(str(e)) from None
+
+
+def sigma_schedule(sigmas: Any, field: Field, who: str) -> Any:
+    """The ``sigmas`` a host passes to a sampler function (:meth:`Hooks.sampler_function`), which only its
+    k-diffusion samplers have; else the error ``field`` gives: ``who`` needs one."""
+    if sigmas is None:
+        raise field.error(
+            f"{who} needs a k-diffusion sampler (Euler, DPM++ 2M, ...; it only carries the loop), not a timestep "
+            "sampler such as DDIM, PLMS or UniPC"
+        )
+    return sigmas

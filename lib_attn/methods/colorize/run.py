@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from lib_attn import color, ops
+from lib_attn.methods.base import sigma_schedule
 from lib_attn.methods.colorize import core as col
 from lib_attn.settings import FIELD_BY_KEY, Settings
 
@@ -146,11 +147,7 @@ class ColorizeInputs:
             return None
 
         def paper(model, x, extra_args=None, callback=None, disable=None, sigmas=None, **_):
-            if sigmas is None:
-                raise FIELD_BY_KEY["colorize_paper"].error(
-                    "the paper's regime needs a k-diffusion sampler (Euler, DPM++ 2M, ...; it is not used), not a "
-                    "timestep sampler such as DDIM, PLMS or UniPC"
-                )
+            sigma_schedule(sigmas, FIELD_BY_KEY["colorize_paper"], "the paper's regime")
             extra = extra_args if extra_args is not None else {}
             saved = extra.get("cond_scale")
             extra["cond_scale"] = 1.0  # the paper's model calls have no CFG (the host reads the scale here too)

@@ -80,9 +80,7 @@ class EditMaskRun:
         """With an inpainting checkpoint: image ``index`` of the batch re-rendered by it inside the final mask."""
         if self.checkpoint is None or self.final is None or index >= self.final.shape[0]:
             return image
-        m = self.final[index, 0].detach().float().cpu()
-        up = F.interpolate(m[None, None], size=(image.size[1], image.size[0]), mode="bilinear", align_corners=False)
-        mask = Image.fromarray((up[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")
+        mask = mask_image(self.final[index, 0].detach().float().cpu(), image.size)
         return self.services.masked_img2img(self.p, index, mask, self.checkpoint)
 
     def _reset(self) -> None:
@@ -250,9 +248,10 @@ class EditMaskRun:
 
     def images(self) -> list[Image.Image]:
         """The final masks as grayscale images at the output size (white = edited), usable as an img2img mask."""
-        out = []
-        for m, (w, h) in zip(self.results, self.sizes, strict=True):
-            up = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            arr = (up.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            out.append(Image.fromarray(arr, mode="L"))
-        return out
+        return [mask_image(m, size) for m, size in zip(self.results, self.sizes, strict=True)]
+
+
+def mask_image(m: Tensor, size: tuple[int, int]) -> Image.Image:
+    """A final mask (h, w) as a grayscale image of ``size`` (w, h), bilinearly resized (white = edited)."""
+    up = F.interpolate(m[None, None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0]
+    return Image.fromarray((up.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")

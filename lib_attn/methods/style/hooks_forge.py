@@ -65,36 +65,43 @@ class Hooks(ForgeHooks):
             ctx.fail(error_for(e))
             return denoised
 
+    def _capture(self, args: dict, clean: bool) -> tuple:
+        """This step's capture call (no grad) on the style rows (and img2img's content rows): noised to the step's
+        level, or with ``clean`` fed to the UNet as they are (mode transfer).  Returns ``(x, sigma, scale, z_ref,
+        rows, ref_of, x_cap, forward)``, made outside inference mode (the graph keeps them); ``forward(z)`` runs the
+        model on ``z`` with the negative prompt, the paper's null-prompt features."""
+        si, ctx = self.run, self.ctx
+        model = args["model"]
+        conds = args.get("uncond") or args["cond"]
+        with torch.inference_mode(False):
+            x, sigma = args["input"].clone(), args["sigma"].clone()
+            scale = style.vp_scale(sigma)
+            z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x).clone()
+            rows, z, noise, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, ctx.plan.style.content_weight > 0)
+            level = sigma[owner].view(-1, 1, 1, 1)
+            x_cap = z * style.vp_scale(sigma[owner]).to(z) if clean else z + noise * level  # clean: the UNet sees z
+        options = with_transformer_option(args["model_options"], MODE, "off")
+        self.recorder.clear()
+        with torch.inference_mode(False), torch.no_grad(), self.recorder.capturing(rows, ref_of):
+            ctx.calc(model, conds, None, x_cap, sigma[owner], options)
+
+        def forward(z_in: Any) -> Any:
+            return ctx.calc(model, conds, None, z_in, sigma, options)
+
+        return x, sigma, scale, z_ref, rows, ref_of, x_cap, forward
+
     def _delta(self, args: dict, denoised: Any) -> Any:
         """AD guidance for this step; the AD gradient is taken at the latent being sampled (classifier-guidance
         style), with Adam on the VP latent; the latent's displacement (and the noisy AdaIN's) moves the prediction,
         amplified by the step gain so that the next latent moves by it."""
         plan, si, rec, ctx = self.ctx.plan.style, self.run, self.recorder, self.ctx
-        model = args["model"]
-        conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
+        x, sigma, scale, z_ref, rows, ref_of, x_cap, forward = self._capture(args, clean=False)
         with torch.inference_mode(False):
-            x, sigma, d = args["input"].clone(), args["sigma"].clone(), denoised.clone()
-            scale = style.vp_scale(sigma)  # made outside inference mode: the graph keeps it
-            z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x).clone()
-            rows, clean, noise, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, plan.content_weight > 0)
-            target = d
-            if plan.adain == "denoised":
-                target = si.adain_prediction(d, z_ref, ref_of)
-            x_cap = clean + noise * sigma[owner].view(-1, 1, 1, 1)
-        options = with_transformer_option(args["model_options"], MODE, "off")
-        unet = model.diffusion_model
-        rec.clear()
-        with torch.inference_mode(False), torch.no_grad(), rec.capturing(rows, ref_of):
-            ctx.calc(model, conds, None, x_cap, sigma[owner], options)
+            d = denoised.clone()
+            target = si.adain_prediction(d, z_ref, ref_of) if plan.adain == "denoised" else d
+        unet = args["model"].diffusion_model
         with style.normal_weights(unet), style.snapshot_saved_tensors(unet):
-            disp, losses = style.guided_displacement(
-                lambda z: ctx.calc(model, conds, None, z, sigma, options),
-                rec,
-                x,
-                plan.strength,
-                plan.iters,
-                scale=scale,
-            )
+            disp, losses = style.guided_displacement(forward, rec, x, plan.strength, plan.iters, scale=scale)
         rec.clear()
         si.losses.append(losses)
         with torch.inference_mode(False):
@@ -106,21 +113,9 @@ class Hooks(ForgeHooks):
     def _transfer_step(self, args: dict) -> None:
         """Mode transfer: one Adam step on the latent being optimized (the UNet sees it clean at this step's
         timestep), against the style and content losses of the clean references captured at the same timestep."""
-        si, rec, ctx = self.run, self.recorder, self.ctx
-        model = args["model"]
-        conds = args.get("uncond") or args["cond"]  # the paper's null-prompt features: the negative prompt
-        with torch.inference_mode(False):
-            x, sigma = args["input"].clone(), args["sigma"].clone()
-            scale = style.vp_scale(sigma)  # made outside inference mode: the graph keeps it
-            z_ref = si.latents(ctx.p, ctx.services.encode, x.shape, x).clone()
-            rows, clean, _, owner, ref_of = si.capture_batch(z_ref, x, ctx.step, self.ctx.plan.style.content_weight > 0)
-            x_cap = clean * style.vp_scale(sigma[owner]).to(clean)  # the UNet sees the clean latents
-        options = with_transformer_option(args["model_options"], MODE, "off")
-        unet = model.diffusion_model
-        rec.clear()
-        with torch.inference_mode(False), torch.no_grad(), rec.capturing(rows, ref_of):
-            ctx.calc(model, conds, None, x_cap, sigma[owner], options)
+        x, _, scale, *_, forward = self._capture(args, clean=True)
+        unet = args["model"].diffusion_model
         with style.normal_weights(unet), style.snapshot_saved_tensors(unet):
-            loss = si.transfer.step(lambda z: ctx.calc(model, conds, None, z, sigma, options), rec, scale, x.dtype)
-        rec.clear()
-        si.losses.append([loss])
+            loss = self.run.transfer.step(forward, self.recorder, scale, x.dtype)
+        self.recorder.clear()
+        self.run.losses.append([loss])

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from lib_attn import color, ops
+from lib_attn.methods.base import sigma_schedule
 from lib_attn.methods.style import core
 from lib_attn.settings import FIELD_BY_KEY, Settings, SettingsError
 
@@ -68,11 +69,7 @@ class StyleInputs:
             return None
 
         def transfer(model, x, extra_args=None, callback=None, disable=None, sigmas=None, **_):
-            if sigmas is None:
-                raise FIELD_BY_KEY["style_mode"].error(
-                    "transfer needs a k-diffusion sampler (Euler, DPM++ 2M, ...; it only sets the step count), "
-                    "not a timestep sampler such as DDIM, PLMS or UniPC"
-                )
+            sigma_schedule(sigmas, FIELD_BY_KEY["style_mode"], "transfer")
             if self.content is None:
                 raise FIELD_BY_KEY["style_mode"].error("transfer found no init latent to optimize (img2img only)")
             table = ops.sd_sigmas()
