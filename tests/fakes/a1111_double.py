@@ -65,7 +65,7 @@ def load_script_module(path: pathlib.Path):
 class A1111Host(HarnessBase):
     """Handle yielded by ``a1111_host``; its common API with ``ForgeHost`` is ``tests.support.harness.Harness``."""
 
-    def __init__(self, kind: str, models: dict | None, dtype=None):
+    def __init__(self, kind: str, models: dict | None, dtype=None, device=None):
         from tests.support.tiny import make_sd_model
 
         names = ["shared", "script_callbacks", "processing", "scripts", "prompt_parser", "sd_models", "errors",
@@ -79,8 +79,10 @@ class A1111Host(HarnessBase):
         m.errors.reported.clear()
         factories = {kind: lambda: make_sd_model(kind)}
         factories.update(models or {})
-        if dtype is not None:  # e.g. float64 for exact comparisons against independent computations
-            factories = {t: (lambda f=f: f().to(dtype)) for t, f in factories.items()}
+        if dtype is not None or device is not None:  # float64 for exact comparisons; a GPU for benchmarks
+            # (the WebUI's ``devices.device``: the model, the noise and the sigmas live there)
+            importlib.import_module("modules.devices").device = torch.device(device or "cpu")
+            factories = {t: (lambda f=f: f().to(device=device, dtype=dtype)) for t, f in factories.items()}
         factories = {t: (lambda f=f: self._watch(f())) for t, f in factories.items()}
         self.loaded_scripts: list = []  # (path, module)
         self.unet_calls: list[dict] = []
@@ -238,13 +240,20 @@ def info_of(response: dict) -> dict:
 
 
 @contextlib.contextmanager
-def a1111_host(kind: str = "sd1", *, opts: dict | None = None, models: dict | None = None, dtype=None):
+def a1111_host(kind: str = "sd1", *, opts: dict | None = None, models: dict | None = None, dtype=None, device=None,
+               cmd_opts: dict | None = None):
+    """The A1111 double with the model ``kind`` loaded; ``opts``: settings; ``cmd_opts``: command-line flags
+    (``medvram``, ``lowvram``, ``opt_sdp_no_mem_attention``: the model loads and the attention forward is chosen
+    under them)."""
     with isolated_host(FAKES):
-        from modules import sd_hijack_optimizations
+        from modules import sd_hijack_optimizations, shared
 
-        sd_hijack_optimizations.apply()  # the WebUI's default cross-attention optimization (sdp), class-level
+        for k, v in (cmd_opts or {}).items():
+            assert hasattr(shared.cmd_opts, k), f"the double has no command-line flag {k}"
+            setattr(shared.cmd_opts, k, v)
+        sd_hijack_optimizations.apply()  # the WebUI's cross-attention optimization (sdp by default), class-level
         try:
-            host = A1111Host(kind, models, dtype)
+            host = A1111Host(kind, models, dtype, device)
             for k, v in (opts or {}).items():
                 setattr(host.modules.shared.opts, k, v)
             yield host

@@ -260,15 +260,38 @@ def checkpointed(recorder: Recorder) -> Callable[..., object]:
     def wrapper(module: nn.Module, call_next: Callable[..., object], *args: object, **kwargs: object) -> object:
         if recorder.mode != "guided" or not torch.is_grad_enabled():
             return call_next(*args, **kwargs)
+        calls = 0
 
         def run(*a: object, **kw: object) -> object:
-            # the recomputation in backward runs after the guided call returned: replay it in the guided mode
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                # the recomputation in backward calls the block's forward, not the block: run the block's forward
+                # pre-hooks as a call would (A1111's --lowvram brings the block's weights to the GPU in one)
+                a, kw = run_forward_pre_hooks(module, a, kw)
+            # it runs after the guided call returned: replay it in the guided mode
             with recorder.guided():
                 return call_next(*a, **kw)
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     return wrapper
+
+
+def run_forward_pre_hooks(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """What ``module(*args, **kwargs)`` does before its forward: each forward pre-hook, in order, may replace the
+    arguments."""
+    with_kwargs = module._forward_pre_hooks_with_kwargs
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    return args, kwargs
 
 
 def self_attention_wrapper(recorder: Recorder, layer: object) -> Callable[..., object]:

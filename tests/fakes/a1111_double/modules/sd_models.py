@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from modules import script_callbacks, shared
+from modules import lowvram, script_callbacks, shared
 
 checkpoints: dict = {}  # title -> (info, factory)
 
@@ -31,7 +31,10 @@ def reload_model_weights(sd_model=None, info=None):
         shared.opts.sd_model_checkpoint = info.title
     if info is None or getattr(shared.sd_model, "sd_checkpoint_info", None) == info:
         return shared.sd_model
+    if getattr(shared.sd_model, "lowvram", False):
+        lowvram.send_everything_to_cpu()
     model = checkpoints[info.title][1]()
+    lowvram.apply(model)  # --medvram / --lowvram: the model's pieces take turns on the GPU
     model.sd_checkpoint_info = info
     shared.sd_model = model
     script_callbacks.model_loaded_callback(model)

@@ -42,4 +42,5 @@ class State:
 opts = Options(**DEFAULT_OPTS)
 state = State()
 sd_model = None
-cmd_opts = SimpleNamespace(api=True, nowebui=False)
+cmd_opts = SimpleNamespace(api=True, nowebui=False, medvram=False, lowvram=False, medvram_sdxl=False,
+                           opt_sdp_no_mem_attention=False)
