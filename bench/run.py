@@ -1,7 +1,7 @@
 """Benchmarks: cost of each method against plain sampling, measured in the same run.
 
     .venv/bin/python bench/run.py pag|seg|sag|nag|tpg|swg|apg|cfg_zero|fdg|ag|colorize|style|edit_mask|masked_upscale
-        [--size tiny|sd15] [--steps N] [--repeat R] [--batch B] [--memory]
+        [--size tiny|sd15] [--steps N] [--repeat R] [--batch B] [--profile]
 
 ``pag`` times the sampling loop (every denoiser step, nothing else) of the A1111 double on a random-weight
 ldm UNet, with CFG only and with CFG + PAG (batched rows), interleaving the two so drift hits both, and prints
@@ -9,10 +9,12 @@ the median per-step times (wall clock, and this process's CPU time, which a busy
 and, as its last line, ``ratio pag_vs_cfg_step <value>`` (wall clock).  ``seg`` and ``sag`` do the same for SEG
 (``ratio seg_vs_cfg_step``) and SAG (``ratio sag_vs_cfg_step``) at CFG 5, ``nag`` for NAG at CFG 1 against a
 plain CFG-1 step (``ratio nag_vs_cfg_step``); ``tpg`` and ``swg`` at CFG 5; ``apg``, ``cfg_zero``, ``fdg`` and ``ag``
-(the CFG stage) at CFG 7.  With ``--memory`` they also run plain and guided generations in one child process each and
-print ``ratio <method>_peak_memory_vs_plain`` (peak resident memory during the generation, weights included) and
-``ratio <method>_activation_memory_vs_plain`` (above the resident memory before it: weights counted once, apart).  ``--size sd15`` builds a
-full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent); expect minutes.
+(the CFG stage) at CFG 7.  ``sag`` also times a bare UNet call on B rows against one on 2B rows and prints
+``ratio one_extra_b_row_call_vs_cfg_step``: the least a step with one extra B-row call of its own can cost on this
+hardware.  ``--profile`` adds torch.profiler's table of one step, plain and with the method.  ``--size sd15`` builds
+a full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent); expect minutes.
+
+Every method's time and peak memory in one command, one child process per run: ``bench/cost.py``.
 
 ``colorize`` times whole img2img generations with reference colorization against plain img2img (same steps,
 CFG 1, interleaved) and prints ``ratio colorize_vs_img2img <value>`` last.
@@ -42,7 +44,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -138,6 +139,7 @@ def bench_guidance(args: argparse.Namespace) -> float:
                 cfg_t.append(times[-1])
                 h.txt2img(**base, script_args=on)
                 on_t.append(times[-1])
+            floor = _extra_call_floor(h, args, size) if name == "sag" else None
         finally:
             restore()
     print(
@@ -151,11 +153,56 @@ def bench_guidance(args: argparse.Namespace) -> float:
         ratios[clock] = on_s / cfg_s
         print(f"{clock:4s} step cfg {cfg_s * 1000:8.2f} ms   step cfg+{name} {on_s * 1000:8.2f} ms")
     print(f"ratio {name}_vs_cfg_step_cpu {ratios['cpu']:.3f}")
+    if floor is not None:
+        print(
+            f"UNet call alone: {floor[0] * 1000:.1f} ms with B rows, {floor[1] * 1000:.1f} ms with 2B rows (the CFG "
+            "call): a step plus one B-row call of its own costs at least"
+        )
+        print(f"ratio one_extra_b_row_call_vs_cfg_step {1 + floor[0] / floor[1]:.3f}")
     _rule_cost(name)
-    if args.memory:
-        _guidance_memory(args)
+    if args.profile:
+        _profile(args)
     print(f"ratio {name}_vs_cfg_step {ratios['wall']:.3f}")
     return ratios["wall"]
+
+
+def _profile(args: argparse.Namespace) -> None:
+    """torch.profiler's table (operators by their own CPU time) of one sampling step, plain and with the method,
+    after a warm-up step of each: where the method's extra time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    values, cfg, kind, _, base = _guidance_setup(args)
+    with a1111_host(kind) as h:
+        h.load_script(SCRIPT)
+        for label, script_args in (
+            ("plain", S.defaults().to_args()),
+            (args.method, S.defaults().with_values(values).to_args()),
+        ):
+            h.txt2img(**base, steps=1, script_args=script_args)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                h.txt2img(**base, steps=1, script_args=script_args)
+            print(f"\none step, {label} (CFG {cfg:g}, {args.size}):")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+def _extra_call_floor(h, args: argparse.Namespace, size: int) -> tuple[float, float]:
+    """Median seconds of one bare UNet call (``sd_model.apply_model``, no extension hook) on B rows and on 2B rows
+    (a CFG call's), interleaved: SAG's extra call is a B-row call of its own after the step's 2B-row call, so
+    ``1 + t(B) / t(2B)`` is the least its step can cost against a plain one on this hardware."""
+    model = h.modules.shared.sd_model
+    b = args.batch
+    side = size // 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * b, 4, side, side, generator=g).to(model.dtype)
+    ctx = model.get_learned_conditioning(["a photo of a cat"] * b + ["blurry"] * b)
+    t = torch.full((2 * b,), 500.0)
+    timed: dict[int, list[float]] = {b: [], 2 * b: []}
+    for _ in range(args.repeat + 1):
+        for n in (b, 2 * b):
+            t0 = time.perf_counter()
+            model.apply_model(x[:n], t[:n], {"c_crossattn": [ctx[:n]]})
+            timed[n].append(time.perf_counter() - t0)
+    return statistics.median(timed[b][1:]), statistics.median(timed[2 * b][1:])
 
 
 def _rule_cost(name: str) -> None:
@@ -194,58 +241,6 @@ def _rule_cost(name: str) -> None:
             f"rule {name} on a {side}x{side} latent: {statistics.median(t) * 1000:.3f} ms "
             f"(plain CFG's combination {statistics.median(plain) * 1000:.3f} ms)"
         )
-
-
-def _guidance_run(args: argparse.Namespace, variant: str) -> None:
-    """A child of ``--memory``: build the model, warm-up generations of both settings at 1 step (one-time
-    allocations, the same in every child), reset the peak-RSS mark, one generation of ``variant`` (``plain`` or
-    ``on``); prints ``PEAK <peak MB> <RSS before MB>``."""
-    values, _, kind, _, base = _guidance_setup(args)
-    with a1111_host(kind) as h:
-        h.load_script(SCRIPT)
-        for warm in ({}, values):
-            h.txt2img(**base, steps=1, script_args=S.defaults().with_values(warm).to_args())
-        before = _reset_peak_rss()
-        on = S.defaults().with_values(values if variant == "on" else {}).to_args()
-        h.txt2img(**base, steps=args.steps, script_args=on)
-        print(f"PEAK {_status_mb('VmHWM'):.1f} {before:.1f}", flush=True)
-
-
-def _child_peak(args: argparse.Namespace, variant: str) -> tuple[float, float]:
-    """``(peak, before)`` resident memory in MB of a child process running ``_guidance_run(variant)``: one process
-    per variant, so that no variant's peak hides another's."""
-    cmd = [
-        sys.executable,
-        str(pathlib.Path(__file__).resolve()),
-        args.method,
-        "--size",
-        args.size,
-        "--steps",
-        str(args.steps),
-        "--batch",
-        str(args.batch),
-        "--threads",
-        str(args.threads),
-        "--child",
-        variant,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in out.splitlines() if ln.startswith("PEAK "))
-    peak, before = (float(v) for v in line.split()[1:])
-    return peak, before
-
-
-def _guidance_memory(args: argparse.Namespace) -> None:
-    name = args.method
-    runs = [(v, _child_peak(args, v)) for v in ("plain", "on", "plain", "on")]  # interleaved; each the lower of two
-    plain, on = (min((r for v, r in runs if v == want), key=lambda r: r[0]) for want in ("plain", "on"))
-    print(
-        f"peak RSS during one generation: plain {plain[0]:.0f} MB ({plain[1]:.0f} MB before it: weights, torch, the "
-        f"double), with {name} {on[0]:.0f} MB ({on[1]:.0f} MB before); one child process per run"
-    )
-    print(f"ratio {name}_peak_memory_vs_plain {on[0] / plain[0]:.3f}")
-    if plain[0] > plain[1]:
-        print(f"ratio {name}_activation_memory_vs_plain {(on[0] - on[1]) / (plain[0] - plain[1]):.3f}")
 
 
 def _setup(args: argparse.Namespace) -> tuple[str, int]:
@@ -597,45 +592,11 @@ def bench_style(args: argparse.Namespace) -> float:
 
 
 def _meta_unet(kind: str):
-    """A full-size UNet on the ``meta`` device in fp16 (shapes only, nothing allocated): ``sd15`` or ``sdxl``
-    (SDXL's layout: attention at the two lower levels with 2 and 10 transformer blocks, 2048-wide context, the
-    pooled-vector embedding)."""
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from torch import nn
-
+    """A full-size UNet (``sd15`` or ``sdxl_full``, the tests' configurations) on the ``meta`` device in fp16 (shapes
+    only, nothing allocated)."""
     from tests.support import tiny
 
-    tiny.install_size_fix()
-    if kind == "sd15":
-        cfg = dict(tiny.UNET_CONFIGS["sd15"])
-    else:
-        cfg = dict(
-            tiny._COMMON,
-            model_channels=320,
-            channel_mult=(1, 2, 4),
-            attention_resolutions=(4, 2),
-            num_head_channels=64,
-            transformer_depth=10,
-            context_dim=[2048] * 10,
-            use_linear_in_transformer=True,
-            num_classes="continuous",
-            image_size=128,
-        )
-    with torch.device("meta"):
-        unet = UNetModel(**cfg)
-        if kind == "sdxl":
-            unet.label_emb = nn.Sequential(nn.Linear(2816, 1280), nn.SiLU(), nn.Linear(1280, 1280))
-            for blocks, numbers in ((unet.input_blocks, (4, 5)), (unet.output_blocks, (3, 4, 5))):
-                for n in numbers:  # the middle level has 2 transformer blocks in SDXL, the lowest 10
-                    st = blocks[n][1]
-                    st.transformer_blocks = st.transformer_blocks[:2]
-    for m in unet.modules():
-        if type(m).__name__ == "GroupNorm32":
-            m.__class__ = nn.GroupNorm
-    unet.time_embed.__class__ = tiny._CastInput
-    if isinstance(getattr(unet, "label_emb", None), nn.Sequential):
-        unet.label_emb.__class__ = tiny._CastInput
-    unet = unet.half().eval().requires_grad_(False)
+    unet = tiny.make_unet(kind, meta=True).half()
     unet.dtype = torch.float16
     return unet
 
@@ -646,7 +607,7 @@ def bench_style_memory(args: argparse.Namespace) -> float:
     fp16 at its native size, and, with gradient checkpointing, the block inputs that stay plus the largest block's
     saved tensors (what one recomputation holds)."""
     total = 0.0
-    for kind, side, ctx_dim in (("sd15", 64, 768), ("sdxl", 128, 2048)):
+    for kind, side, ctx_dim in (("sd15", 64, 768), ("sdxl_full", 128, 2048)):
         total += _guided_pass_saved_bytes(kind, side, ctx_dim)
     return total
 
@@ -664,7 +625,7 @@ def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
         x = torch.randn(1, 4, side, side, dtype=torch.float16)
         t = torch.full((1,), 500.0)
         ctx = torch.randn(1, 77, ctx_dim, dtype=torch.float16)
-        y = torch.randn(1, 2816, dtype=torch.float16) if kind == "sdxl" else None
+        y = torch.randn(1, 2816, dtype=torch.float16) if kind == "sdxl_full" else None
     keys = layer_keys(unet)
     layers = [k.module_path for k in keys if k.attn == "attn1" and k.block == "output"]
     chosen = colorize.default_selector(keys).replace(" ", "").split(",")
@@ -694,7 +655,7 @@ def _guided_pass_saved_bytes(kind: str, side: int, ctx_dim: int) -> float:
             ps.add_handle(block.register_forward_pre_hook(pre))
             ps.add_handle(block.register_forward_hook(post))
         kw = {"y": y} if y is not None else {}
-        if kind == "sdxl":
+        if kind == "sdxl_full":
             ctx = [ctx] * 10  # sdkit's SpatialTransformer takes one context per transformer block
         rec.mode, rec.capture_rows = "capture", [("ref", 0)]
         with torch.no_grad():
@@ -740,12 +701,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto", help="style: checkpointing")
-    ap.add_argument("--memory", action="store_true", help="guidance methods: also the peak-memory ratio")
-    ap.add_argument("--child", choices=("plain", "on"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help="guidance methods: torch.profiler's tables of one step")
     args = ap.parse_args(argv)
-    if args.child:
-        _guidance_run(args, args.child)
-        return
     BENCHES[args.method](args)
 
 

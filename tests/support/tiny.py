@@ -9,6 +9,8 @@ configs whose block layout and module names match the real models (host-contract
 * ``sdxl``: channel_mult (1, 2, 4), attention at levels 1-2 only, 2 transformer blocks per SpatialTransformer,
   a pooled ``vector`` (``y``) through ``num_classes="sequential"``; dict conds ``{'crossattn', 'vector'}``.
 * ``sd15``: the full-size SD1.5 UNet (860M parameters) for benchmarks only.
+* ``sdxl_full``: the full-size SDXL UNet (2.6B parameters: 2 transformer blocks at the middle level, 10 at the
+  lowest and in the middle block, 2048-wide context, the 2816-wide pooled vector) for benchmarks only.
 
 ldm zero-initializes every output projection (``zero_module``), which would make attention layers have no
 effect; those parameters are re-drawn at random so that attention edits change the output.
@@ -41,8 +43,14 @@ UNET_CONFIGS: dict[str, dict] = {
                  num_classes="sequential", adm_in_channels=24),
     "sd15": dict(_COMMON, model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2, 1),
                  num_heads=8, transformer_depth=1, context_dim=768, image_size=64),
+    "sdxl_full": dict(_COMMON, model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(4, 2),
+                      num_head_channels=64, transformer_depth=10, context_dim=[2048] * 10,
+                      use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=2816, image_size=128),
 }
-_BASE_KIND = {"sd15": "sd1"}
+_BASE_KIND = {"sd15": "sd1", "sdxl_full": "sdxl"}
+# sdkit's ldm puts the same number of transformer blocks at every level; SDXL has 2 at its middle level
+# (input blocks 4, 5 and output blocks 3-5) and 10 at the lowest and in the middle block
+_LEVEL_DEPTHS = {"sdxl_full": ((("input_blocks", (4, 5)), ("output_blocks", (3, 4, 5))), 2)}
 
 
 class _TorchWithCatFix:
@@ -79,22 +87,31 @@ def install_size_fix() -> None:
     ldm_attention._ATTN_PRECISION = "native"
 
 
-def make_unet(kind: str = "sd1", seed: int = 0, in_channels: int = 4) -> UNetModel:
+def make_unet(kind: str = "sd1", seed: int = 0, in_channels: int = 4, *, meta: bool = False) -> UNetModel:
+    """The ldm UNet of ``kind`` with random weights; ``meta``: on the ``meta`` device (shapes only, nothing
+    allocated, for counting)."""
     install_size_fix()
     cfg = dict(UNET_CONFIGS[kind], in_channels=in_channels)
     adm = cfg.pop("adm_in_channels", None)
     if cfg.get("num_classes") == "sequential":
         cfg["num_classes"] = "continuous"  # sdkit's ldm has no "sequential"; its label_emb is replaced below
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
         torch.manual_seed(seed)
         unet = UNetModel(**cfg)
         if adm:
             ted = unet.model_channels * 4  # sgm's "sequential" pooled-vector embedding
             unet.label_emb = nn.Sequential(nn.Linear(adm, ted), nn.SiLU(), nn.Linear(ted, ted))
-        with torch.no_grad():
-            for p in unet.parameters():
-                if p.numel() and not p.any():
-                    p.normal_(0.0, 0.05)
+        if kind in _LEVEL_DEPTHS:
+            where, depth = _LEVEL_DEPTHS[kind]
+            for blocks, numbers in where:
+                for n in numbers:
+                    st = getattr(unet, blocks)[n][1]
+                    st.transformer_blocks = st.transformer_blocks[:depth]
+        if not meta:
+            with torch.no_grad():
+                for p in unet.parameters():
+                    if p.numel() and not p.any():
+                        p.normal_(0.0, 0.05)
     for m in unet.modules():  # ldm's GroupNorm32 upcasts to float32; plain GroupNorm is the same in float32
         if type(m).__name__ == "GroupNorm32":
             m.__class__ = nn.GroupNorm
@@ -117,6 +134,18 @@ class _Tokenizer:
         return [[zlib.crc32(w.encode()) % 49406 for w in self._split(t)] for t in texts]
 
 
+class DiffusionWrapper(nn.Module):
+    """``sd_model.model`` (ldm's DiffusionWrapper): ``apply_model`` calls it, so the forward pre-hook that A1111's
+    ``--medvram`` puts on it runs before every UNet call."""
+
+    def __init__(self, unet: UNetModel):
+        super().__init__()
+        self.diffusion_model = unet
+
+    def forward(self, x, t, **kwargs):
+        return self.diffusion_model(x, t, **kwargs)
+
+
 class TinySD(nn.Module):
     """Stand-in for ``shared.sd_model`` (LatentDiffusion / SDXL DiffusionEngine) around a real ldm UNet."""
 
@@ -124,8 +153,7 @@ class TinySD(nn.Module):
         super().__init__()
         base = _BASE_KIND.get(kind, kind)
         self.kind = kind
-        self.model = nn.Module()
-        self.model.diffusion_model = make_unet(kind, seed, in_channels=9 if inpainting else 4)
+        self.model = DiffusionWrapper(make_unet(kind, seed, in_channels=9 if inpainting else 4))
         self.model.conditioning_key = "hybrid" if inpainting else "crossattn"
         self.is_sd1, self.is_sd2, self.is_sdxl = base == "sd1", base == "sd2", base == "sdxl"
         self.is_sd3 = False
@@ -192,7 +220,7 @@ class TinySD(nn.Module):
         concat = cond.get("c_concat")
         if unet.in_channels > x.shape[1] and concat:
             x = torch.cat([x, concat[0].to(x.dtype)], dim=1)
-        return unet(x, t, context=ctx, y=y)
+        return self.model(x, t, context=ctx, y=y)
 
     # ---- VAE stand-in ---------------------------------------------------------------------------
     def encode_first_stage(self, images: torch.Tensor) -> torch.Tensor:

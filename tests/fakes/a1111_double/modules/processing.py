@@ -16,7 +16,7 @@ from PIL import Image
 def create_noise(seeds, shape):
     """One noise tensor per image, each from its own seed (CPU generator), like A1111's ImageRNG."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(
-        shared.sd_model.dtype
+        shared.sd_model.device, shared.sd_model.dtype
     )
 
 

@@ -44,7 +44,8 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
     def get_sigmas(self, p, steps):
         wrap = self.model_wrap_cfg.inner_model
         if self.karras:
-            return k_diffusion.sampling.get_sigmas_karras(steps, float(wrap.sigmas[0]), float(wrap.sigmas[-1]))
+            return k_diffusion.sampling.get_sigmas_karras(steps, float(wrap.sigmas[0]), float(wrap.sigmas[-1]),
+                                                          device=wrap.sigmas.device)
         return wrap.get_sigmas(steps)
 
     def _kwargs(self, p, x, sigmas):
