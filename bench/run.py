@@ -9,9 +9,9 @@ the median per-step times (wall clock, and this process's CPU time, which a busy
 and, as its last line, ``ratio pag_vs_cfg_step <value>`` (wall clock).  ``seg`` and ``sag`` do the same for SEG
 (``ratio seg_vs_cfg_step``) and SAG (``ratio sag_vs_cfg_step``) at CFG 5, ``nag`` for NAG at CFG 1 against a
 plain CFG-1 step (``ratio nag_vs_cfg_step``); ``tpg`` and ``swg`` at CFG 5; ``apg``, ``cfg_zero``, ``fdg`` and ``ag``
-(the CFG stage) at CFG 7.  ``sag`` also times a bare UNet call on B rows against one on 2B rows and prints
-``ratio one_extra_b_row_call_vs_cfg_step``: the least a step with one extra B-row call of its own can cost on this
-hardware.  ``--profile`` adds torch.profiler's table of one step, plain and with the method.  ``--size sd15`` builds
+(the CFG stage) at CFG 7.  ``pag``, ``seg``, ``tpg`` and ``sag`` also time bare UNet calls on B, 2B and 3B rows and
+print ``ratio unet_3b_rows_vs_2b_rows`` and ``ratio one_extra_b_row_call_vs_cfg_step``: the least a step with B more
+rows in its call (PAG, SEG, TPG), or with one B-row call of its own (SAG), can cost on this hardware.  ``--profile`` adds torch.profiler's table of one step, plain and with the method.  ``--size sd15`` builds
 a full-size SD1.5 UNet (860M parameters, fp32 on the CPU, 512x512 -> 64x64 latent); expect minutes.
 
 Every method's time and peak memory in one command, one child process per run: ``bench/cost.py``.
@@ -139,7 +139,7 @@ def bench_guidance(args: argparse.Namespace) -> float:
                 cfg_t.append(times[-1])
                 h.txt2img(**base, script_args=on)
                 on_t.append(times[-1])
-            floor = _extra_call_floor(h, args, size) if name == "sag" else None
+            floors = _row_floors(h, args, size) if name in ("pag", "seg", "tpg", "sag") else None
         finally:
             restore()
     print(
@@ -147,18 +147,21 @@ def bench_guidance(args: argparse.Namespace) -> float:
         f"torch threads {torch.get_num_threads()}, attention: sdp as the WebUI's default optimization)"
     )
     ratios = {}
-    for i, clock in enumerate(("cpu", "wall")):
+    for i, clock in enumerate(("wall", "cpu")):
         cfg_s = statistics.median(t[i] for t in cfg_t) / args.steps
         on_s = statistics.median(t[i] for t in on_t) / args.steps
         ratios[clock] = on_s / cfg_s
         print(f"{clock:4s} step cfg {cfg_s * 1000:8.2f} ms   step cfg+{name} {on_s * 1000:8.2f} ms")
     print(f"ratio {name}_vs_cfg_step_cpu {ratios['cpu']:.3f}")
-    if floor is not None:
+    if floors is not None:
+        b = args.batch
         print(
-            f"UNet call alone: {floor[0] * 1000:.1f} ms with B rows, {floor[1] * 1000:.1f} ms with 2B rows (the CFG "
-            "call): a step plus one B-row call of its own costs at least"
+            "bare UNet call: "
+            + ", ".join(f"{n} rows {v * 1000:.1f} ms" for n, v in floors.items())
+            + " (the least a step with B more rows in its call, or one B-row call of its own, can cost):"
         )
-        print(f"ratio one_extra_b_row_call_vs_cfg_step {1 + floor[0] / floor[1]:.3f}")
+        print(f"ratio unet_3b_rows_vs_2b_rows {floors[3 * b] / floors[2 * b]:.3f}")
+        print(f"ratio one_extra_b_row_call_vs_cfg_step {1 + floors[b] / floors[2 * b]:.3f}")
     _rule_cost(name)
     if args.profile:
         _profile(args)
@@ -185,24 +188,25 @@ def _profile(args: argparse.Namespace) -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
-def _extra_call_floor(h, args: argparse.Namespace, size: int) -> tuple[float, float]:
-    """Median seconds of one bare UNet call (``sd_model.apply_model``, no extension hook) on B rows and on 2B rows
-    (a CFG call's), interleaved: SAG's extra call is a B-row call of its own after the step's 2B-row call, so
-    ``1 + t(B) / t(2B)`` is the least its step can cost against a plain one on this hardware."""
+def _row_floors(h, args: argparse.Namespace, size: int) -> dict[int, float]:
+    """Median seconds of one bare UNet call (``sd_model.apply_model``, no extension hook) on B, 2B (a CFG call's)
+    and 3B rows, interleaved.  PAG, SEG and TPG put B more rows into the step's call: ``t(3B) / t(2B)`` is the least
+    their step can cost against a plain one on this hardware.  SAG's extra input depends on the step's own output, so
+    it runs a B-row call of its own after it: at least ``1 + t(B) / t(2B)``."""
     model = h.modules.shared.sd_model
     b = args.batch
     side = size // 8
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * b, 4, side, side, generator=g).to(model.dtype)
-    ctx = model.get_learned_conditioning(["a photo of a cat"] * b + ["blurry"] * b)
-    t = torch.full((2 * b,), 500.0)
-    timed: dict[int, list[float]] = {b: [], 2 * b: []}
+    x = torch.randn(3 * b, 4, side, side, generator=g).to(model.dtype)
+    ctx = model.get_learned_conditioning(["a photo of a cat"] * (2 * b) + ["blurry"] * b)
+    t = torch.full((3 * b,), 500.0)
+    timed: dict[int, list[float]] = {b: [], 2 * b: [], 3 * b: []}
     for _ in range(args.repeat + 1):
-        for n in (b, 2 * b):
+        for n in timed:
             t0 = time.perf_counter()
             model.apply_model(x[:n], t[:n], {"c_crossattn": [ctx[:n]]})
             timed[n].append(time.perf_counter() - t0)
-    return statistics.median(timed[b][1:]), statistics.median(timed[2 * b][1:])
+    return {n: statistics.median(v[1:]) for n, v in timed.items()}  # the first round warms up
 
 
 def _rule_cost(name: str) -> None:
@@ -296,7 +300,7 @@ def _img2img_ratio(args: argparse.Namespace, name: str, init, on: list, note: st
         f"CFG {base['cfg_scale']:g}, torch threads {torch.get_num_threads()}; {note})"
     )
     ratios = {}
-    for i, clock in enumerate(("cpu", "wall")):
+    for i, clock in enumerate(("wall", "cpu")):
         a = statistics.median(t[i] for t in plain_t)
         b = statistics.median(t[i] for t in on_t)
         ratios[clock] = b / a
