@@ -22,7 +22,8 @@ Printed per method: ``ratio <method>_vs_<baseline> X`` (wall clock), ``ratio <me
 (peak of the whole process or of every CUDA allocation, weights included once) and
 ``ratio <method>_activation_memory_vs_plain X`` (the peak above the memory held just before the generation: the
 weights and the runtime left out), then the weights' size, once.  The text encoder and VAE of the double are small
-stand-ins, so the weights are the UNet's (and, for masked upscaling, the DINO ViT-S/8 it loads).
+stand-ins, so the weights are the UNet's (and, for masked upscaling, the DINO ViT-S/8 it loads); every run imports
+transformers first, as the WebUI does for its text encoder.
 
 ``--size sd15`` is the full-size SD1.5 UNet at 512²; ``sdxl`` the full-size SDXL UNet at 1024²; ``tiny`` the tests'
 UNet at 256².  ``--device cuda --dtype fp16`` measures on a GPU.  ``colorize_paper`` (about 45 model calls) is left
@@ -169,6 +170,10 @@ def _dino_folder(models: pathlib.Path) -> None:
 
 def run_child(args: argparse.Namespace) -> dict:
     """One run (``--child <method>`` or ``--child plain:<baseline>``): build, warm up, one measured generation."""
+    import transformers.models.clip.modeling_clip  # noqa: F401  (the WebUI imports it at start-up for its text
+    # encoder; the double's text encoder is a stand-in, so a child would otherwise first import transformers where
+    # a method (DINO) uses it and count its code in that method's peak)
+
     name = args.child
     baseline = BASELINES[name.split(":", 1)[1]] if name.startswith("plain:") else BASELINES[METHODS[name][0]]
     script_args = S.defaults().to_args() if name.startswith("plain:") else METHODS[name][1]()
