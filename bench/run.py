@@ -35,6 +35,8 @@ ViT-S/8 with random weights, saved into a temporary models folder) against the s
 ``ratio masked_upscale_vs_hires``.  Use ``--size sd15`` (a full-size SD1.5 UNet: 256 -> 512 px): with the tiny UNet
 the DINO forward dwarfs the sampling and the ratio says nothing about a real model.
 
+``rows`` times bare UNet calls on B, 2B and 3B rows alone (``--size sdxl`` too): the hardware's floors above.
+
 ``style_memory`` counts, on the ``meta`` device (nothing allocated, seconds), the activations the guided pass keeps
 for its backward with full-size SD1.5 (512²) and SDXL (1024²) UNets in fp16, with and without checkpointing.
 """
@@ -63,6 +65,7 @@ SIZES = {
     "tiny": ("sd1", 256),
     "tiny1024": ("sd1", 1024),  # the tiny UNet on a large latent: activations, not weights, make the peak
     "sd15": ("sd15", 512),
+    "sdxl": ("sdxl_full", 1024),  # rows only: the full-size SDXL UNet
 }
 
 
@@ -198,15 +201,32 @@ def _row_floors(h, args: argparse.Namespace, size: int) -> dict[int, float]:
     side = size // 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3 * b, 4, side, side, generator=g).to(model.dtype)
-    ctx = model.get_learned_conditioning(["a photo of a cat"] * (2 * b) + ["blurry"] * b)
+    c = model.get_learned_conditioning(["a photo of a cat"] * (2 * b) + ["blurry"] * b)
     t = torch.full((3 * b,), 500.0)
     timed: dict[int, list[float]] = {b: [], 2 * b: [], 3 * b: []}
     for _ in range(args.repeat + 1):
         for n in timed:
+            cond = {k: v[:n] for k, v in c.items()} if isinstance(c, dict) else {"c_crossattn": [c[:n]]}  # SDXL: dict
             t0 = time.perf_counter()
-            model.apply_model(x[:n], t[:n], {"c_crossattn": [ctx[:n]]})
+            model.apply_model(x[:n], t[:n], cond)
             timed[n].append(time.perf_counter() - t0)
     return {n: statistics.median(v[1:]) for n, v in timed.items()}  # the first round warms up
+
+
+def bench_rows(args: argparse.Namespace) -> float:
+    """Bare UNet calls on B, 2B and 3B rows (no extension): the floors of :func:`_row_floors` alone, at any size
+    (``--size sdxl``: the full-size SDXL UNet at 1024²)."""
+    kind, size = _setup(args)
+    with a1111_host(kind) as h:
+        floors = _row_floors(h, args, size)
+    b = args.batch
+    print(
+        f"size {args.size} ({size}px, B = {args.batch}, {args.repeat} runs after a warm-up, torch threads {torch.get_num_threads()})"
+    )
+    print("bare UNet call: " + ", ".join(f"{n} rows {v * 1000:.1f} ms" for n, v in floors.items()))
+    print(f"ratio one_extra_b_row_call_vs_cfg_step {1 + floors[b] / floors[2 * b]:.3f}")
+    print(f"ratio unet_3b_rows_vs_2b_rows {floors[3 * b] / floors[2 * b]:.3f}")
+    return floors[3 * b] / floors[2 * b]
 
 
 def _rule_cost(name: str) -> None:
@@ -691,6 +711,7 @@ BENCHES = {
     "style": bench_style,
     "style_transfer": bench_style_transfer,
     "style_memory": bench_style_memory,
+    "rows": bench_rows,
     "edit_mask": bench_edit_mask,
     "masked_upscale": bench_masked_upscale,
 }
