@@ -51,8 +51,8 @@ import torch  # noqa: E402
 import tests.conftest  # noqa: E402,F401  (loads k-diffusion the way the tests do)
 from lib_attn import settings as S  # noqa: E402
 from tests.fakes.a1111_double import a1111_host  # noqa: E402
-
-SCRIPT = ROOT / "scripts" / "attention_toolkit.py"
+from tests.support.helpers import SCRIPT  # noqa: E402
+from tests.support.images import photo  # noqa: E402
 
 # --size: (the double's model kind, image side in pixels)
 SIZES = {"tiny": ("sd1", 256), "sd15": ("sd15", 512), "sdxl": ("sdxl_full", 1024)}
@@ -79,13 +79,6 @@ BASELINES = {
 }
 
 
-def _photo(name: str):
-    import gradio
-    from PIL import Image
-
-    return Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / name).convert("RGB")
-
-
 def _values(**values):
     return lambda: S.defaults().with_values(values).to_args()
 
@@ -96,9 +89,7 @@ def _named(**sections):
     def make():
         out = {}
         for method, fields in sections.items():
-            out[method] = {
-                k: (_photo(v) if isinstance(v, str) and v.endswith(".jpg") else v) for k, v in fields.items()
-            }
+            out[method] = {k: (photo(v) if isinstance(v, str) and v.endswith(".jpg") else v) for k, v in fields.items()}
         return [out]
 
     return make
@@ -127,12 +118,20 @@ DEFAULT_METHODS = [m for m in METHODS if m != "colorize_paper"]
 
 
 # ---- measuring ------------------------------------------------------------------------------------------------------
-def _status_mb(key: str) -> float:
+def status_mb(key: str) -> float:
+    """A figure of this process's ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {key} in /proc/self/status (the CPU peak needs Linux)")
+
+
+def reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs``); returns the resident memory in MB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_mb("VmRSS")
 
 
 def peak_memory(fn, device: torch.device) -> tuple[float, float, float]:
@@ -145,19 +144,17 @@ def peak_memory(fn, device: torch.device) -> tuple[float, float, float]:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) / 2**20
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak-RSS mark
-        before = _status_mb("VmRSS")
+        before = reset_peak_rss()
     t0 = time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mb("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else status_mb("VmHWM")
     return seconds, peak, before
 
 
-def _dino_folder(models: pathlib.Path) -> None:
+def dino_folder(models: pathlib.Path) -> None:
     """A full-size DINO ViT-S/8 (``facebook/dino-vits8``'s configuration, random weights) where the WebUI's models
     folder would hold the downloaded one, so that its forward costs what the real one does."""
     from transformers import ViTConfig, ViTModel
@@ -183,15 +180,15 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps
-    base = dict(seed=1, batch_size=args.batch, sampler_name="Euler", width=side, height=side, **baseline.args)
+    base = {"seed": 1, "batch_size": args.batch, "sampler_name": "Euler", "width": side, "height": side,
+            "steps": steps, **baseline.args}  # fmt: skip
     if baseline.job == "img2img":
-        base.update(denoising_strength=0.5, init_images=[_photo("cheetah1.jpg").resize((side, side))])
+        base.update(denoising_strength=0.5, init_images=[photo("cheetah1.jpg").resize((side, side))])
         if "steps" not in baseline.args:
             base["steps"] = 2 * steps  # strength 0.5 runs half of them
     elif baseline.job == "hires":
         base.update(width=side // 2, height=side // 2, enable_hr=True, hr_scale=2.0, hr_upscaler="Latent",
                     denoising_strength=0.5)  # fmt: skip
-    denoising = base.get("steps", steps)
     with a1111_host(kind, dtype=DTYPES[args.dtype], device=device) as h:
         h.load_script(SCRIPT)
         if args.models:
@@ -221,12 +218,11 @@ def run_child(args: argparse.Namespace) -> dict:
             warm["steps"] = baseline.args["steps"]
         generate(**warm, script_args=script_args)
         sampling.clear()
-        run = dict(base, steps=base.get("steps", steps))
-        seconds, peak, before = peak_memory(lambda: generate(**run, script_args=script_args), device)
+        seconds, peak, before = peak_memory(lambda: generate(**base, script_args=script_args), device)
         model = h.modules.shared.sd_model
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     per = sampling[0] / steps if baseline.job == "txt2img" else seconds
-    return dict(run=name, seconds=per, peak_mb=peak, before_mb=before, weights_mb=weights, steps=denoising)
+    return dict(run=name, seconds=per, peak_mb=peak, before_mb=before, weights_mb=weights, steps=base["steps"])
 
 
 def _spawn(args: argparse.Namespace, name: str, models: str) -> dict:
@@ -274,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         groups.setdefault(METHODS[m][0], []).append(m)
     with tempfile.TemporaryDirectory() as models:  # the WebUI's models folder of every run
         if "hires" in groups:
-            _dino_folder(pathlib.Path(models))
+            dino_folder(pathlib.Path(models))
         for group, members in groups.items():
             plain = f"plain:{group}"
             for _ in range(args.repeat):

@@ -53,12 +53,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from cost import dino_folder, reset_peak_rss, status_mb  # noqa: E402  (bench/cost.py, beside this file)
 
 import tests.conftest  # noqa: E402,F401  (loads k-diffusion the way the tests do)
 from lib_attn import settings as S  # noqa: E402
 from tests.fakes.a1111_double import a1111_host  # noqa: E402
-
-SCRIPT = ROOT / "scripts" / "attention_toolkit.py"
+from tests.support.helpers import SCRIPT  # noqa: E402
+from tests.support.images import photo  # noqa: E402
 
 SIZES = {
     # name: (model kind passed to the double, latent-space image size in pixels)
@@ -275,13 +276,6 @@ def _setup(args: argparse.Namespace) -> tuple[str, int]:
     return SIZES[args.size]
 
 
-def _photo(name: str):
-    import gradio
-    from PIL import Image
-
-    return Image.open(pathlib.Path(gradio.__file__).parent / "test_data" / name).convert("RGB")
-
-
 def _img2img_ratio(args: argparse.Namespace, name: str, init, on: list, note: str, **extra) -> float:
     """Whole img2img generations (encode, sampling, decode, post-processing) with the script args ``on`` against
     plain img2img with the same steps, interleaved; prints ``ratio <name>_vs_img2img`` (wall clock, and ``_cpu``)."""
@@ -332,8 +326,8 @@ def _img2img_ratio(args: argparse.Namespace, name: str, init, on: list, note: st
 
 def bench_colorize(args: argparse.Namespace) -> float:
     """Reference colorization against plain img2img (CFG 1, empty prompt, the defaults)."""
-    init = _photo("cheetah1.jpg").convert("L").convert("RGB")
-    on = [{"colorize": {"reference": _photo("lion.jpg")}}]
+    init = photo("cheetah1.jpg").convert("L").convert("RGB")
+    on = [{"colorize": {"reference": photo("lion.jpg")}}]
     note = (
         "guidance 10, empty prompt: the uncond rows are the plain rows, the reference streams at the default half side"
     )
@@ -343,8 +337,8 @@ def bench_colorize(args: argparse.Namespace) -> float:
 def bench_colorize_paper(args: argparse.Namespace) -> float:
     """Reference colorization in the paper's regime (3 inversions, 3 passes of 5 steps, 2 re-inversions) against
     a plain 20-step img2img at strength 0.5 (10 steps), CFG 1, empty prompt."""
-    init = _photo("cheetah1.jpg").convert("L").convert("RGB")
-    on = [{"colorize": {"reference": _photo("lion.jpg"), "paper": True}}]
+    init = photo("cheetah1.jpg").convert("L").convert("RGB")
+    on = [{"colorize": {"reference": photo("lion.jpg"), "paper": True}}]
     note = "paper's regime, 3 passes; plain: 20 steps at strength 0.5"
     return _img2img_ratio(args, "colorize_paper", init, on, note, steps=20, denoising_strength=0.5)
 
@@ -353,9 +347,9 @@ def bench_style_transfer(args: argparse.Namespace) -> float:
     """The paper's style transfer by optimization (style mode transfer, one Adam step per step) against plain
     img2img with the same steps, CFG 5 (the host's cond and uncond rows run at every step; the uncond rows are the
     optimization's forward on A1111)."""
-    on = [{"style": {"reference": _photo("cheetah1.jpg"), "mode": "transfer"}}]
+    on = [{"style": {"reference": photo("cheetah1.jpg"), "mode": "transfer"}}]
     note = "transfer lr 0.05, content weight 0.25, its forward on the host's uncond rows"
-    return _img2img_ratio(args, "style_transfer", _photo("lion.jpg"), on, note, cfg_scale=5.0)
+    return _img2img_ratio(args, "style_transfer", photo("lion.jpg"), on, note, cfg_scale=5.0)
 
 
 def _time_into(spent: dict, bucket: str, owner: object, name: str):
@@ -375,7 +369,7 @@ def _time_into(spent: dict, bucket: str, owner: object, name: str):
 
 def bench_edit_mask(args: argparse.Namespace) -> float:
     kind, size = _setup(args)
-    init = _photo("cheetah1.jpg").resize((size, size))
+    init = photo("cheetah1.jpg").resize((size, size))
     prompt = "a photo of a tiger"
     spent = {"mask": 0.0}  # seconds inside the mask's own code (capture, maps, mask, blends)
 
@@ -459,23 +453,11 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
     costs what the real one does; the time inside DINO and inside the run's own code is reported too."""
     import tempfile
 
-    from transformers import ViTConfig, ViTModel
-
     kind, size = _setup(args)
     spent = {"dino": 0.0, "run": 0.0}
 
     with tempfile.TemporaryDirectory() as models, a1111_host(kind) as h:
-        torch.manual_seed(0)
-        cfg = ViTConfig(
-            hidden_size=384,
-            num_hidden_layers=12,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            patch_size=8,
-            image_size=224,
-            qkv_bias=True,
-        )
-        ViTModel(cfg, add_pooling_layer=False).save_pretrained(pathlib.Path(models) / "dino" / "dino-vits8")
+        dino_folder(pathlib.Path(models))
         h.load_script(SCRIPT)
         from modules import paths
 
@@ -540,26 +522,11 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
     return ratios["wall"]
 
 
-def _reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS mark of this process (Linux clear_refs) and return the current RSS in MB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mb("VmRSS")
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def bench_style(args: argparse.Namespace) -> float:
     import gc
 
     kind, size = _setup(args)
-    ref = _photo("lion.jpg")
+    ref = photo("lion.jpg")
     default_iters = S.FIELD_BY_KEY["style_iters"].default
     variants = {"plain": S.defaults().to_args()}
     for n in sorted({1, default_iters, 3}):
@@ -585,9 +552,9 @@ def bench_style(args: argparse.Namespace) -> float:
                 h.txt2img(**base, script_args=script_args)
             for name, script_args in variants.items():  # peak memory, one run each
                 gc.collect()
-                before = _reset_peak_rss()
+                before = reset_peak_rss()
                 h.txt2img(**base, script_args=script_args)
-                peaks[name] = _status_mb("VmHWM") - before
+                peaks[name] = status_mb("VmHWM") - before
             for _ in range(args.repeat):
                 for name, script_args in variants.items():
                     h.txt2img(**base, script_args=script_args)
