@@ -8,8 +8,9 @@ weights, real k-diffusion sampler, Euler) against plain sampling of the same kin
 its own: it builds the model, warms up with a one-step generation of its own settings, then runs ``--steps``
 denoising steps, timed, with its peak memory measured (on the CPU the peak resident memory of the process, Linux
 ``VmHWM`` reset just before, once the C allocator's free memory went back to the kernel; on CUDA
-``torch.cuda.max_memory_allocated`` reset just before).  One process per run, so no run's peak can hide another's.  The runs of a baseline and of its methods are interleaved (``plain, m1, m2, ...``
-``--repeat`` times), so drift hits them alike; times are medians, peaks the lowest of the repeats.
+``torch.cuda.max_memory_allocated`` reset just before).  One process per run, so no run's peak can hide another's.
+The runs of a baseline and of its methods are interleaved (``plain, m1, m2, ...`` ``--repeat`` times), so drift hits
+them alike; times are medians, peaks the lowest of the repeats.
 
 Baselines (a method's ratio is against the baseline of its kind, in the same command):
 

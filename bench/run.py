@@ -53,7 +53,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from cost import dino_folder, reset_peak_rss, status_mb  # noqa: E402  (bench/cost.py, beside this file)
+from cost import dino_folder, peak_memory  # noqa: E402  (bench/cost.py, beside this file)
 
 import tests.conftest  # noqa: E402,F401  (loads k-diffusion the way the tests do)
 from lib_attn import settings as S  # noqa: E402
@@ -523,8 +523,6 @@ def bench_masked_upscale(args: argparse.Namespace) -> float:
 
 
 def bench_style(args: argparse.Namespace) -> float:
-    import gc
-
     kind, size = _setup(args)
     ref = photo("lion.jpg")
     default_iters = S.FIELD_BY_KEY["style_iters"].default
@@ -551,10 +549,10 @@ def bench_style(args: argparse.Namespace) -> float:
             for script_args in variants.values():  # warm-up
                 h.txt2img(**base, script_args=script_args)
             for name, script_args in variants.items():  # peak memory, one run each
-                gc.collect()
-                before = reset_peak_rss()
-                h.txt2img(**base, script_args=script_args)
-                peaks[name] = status_mb("VmHWM") - before
+                _, peak, before = peak_memory(
+                    lambda a=script_args: h.txt2img(**base, script_args=a), torch.device("cpu")
+                )
+                peaks[name] = peak - before
             for _ in range(args.repeat):
                 for name, script_args in variants.items():
                     h.txt2img(**base, script_args=script_args)
